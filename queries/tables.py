@@ -1,0 +1,76 @@
+"""Readers for the tables that can stand in for dump counting: unigram counts and pageviews."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import logging
+from pathlib import Path
+
+import duckdb
+
+from wit_builder.errors import WitError
+
+log = logging.getLogger("wit")
+
+
+def _open_text(path: Path):
+    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)
+    return opener(path, "rt", encoding="utf-8", errors="strict", newline="")
+
+
+def read_unigram_table(path: str | Path) -> dict[str, int]:
+    """`word;count` or `word<TAB>count` lines (plain, .gz or .bz2). The empty word is dropped; a
+    malformed line is skipped with a warning that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise WitError("unigram count table not found", where=str(path))
+    counts: dict[str, int] = {}
+    bad: list[int] = []
+    lineno = 0
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                sep = "\t" if "\t" in line else ";"
+                word, _, count = line.rpartition(sep)
+                if not _ or not count.strip().isdigit():
+                    bad.append(lineno)
+                    continue
+                word = word.strip()
+                if word:
+                    counts[word] = counts.get(word, 0) + int(count)
+    except UnicodeDecodeError as e:
+        raise WitError(f"invalid UTF-8 ({e.reason})", where=str(path), record=f"line {lineno + 1}") from None
+    except (OSError, EOFError) as e:
+        raise WitError(f"unreadable table: {e}", where=str(path), record=f"after line {lineno}") from None
+    if bad:
+        log.warning("%s: skipped %d malformed lines (first: line %s)", path, len(bad), bad[0])
+    if not counts:
+        raise WitError("no `word;count` lines in the table", where=str(path))
+    return counts
+
+
+def read_pageviews(paths: list[str], projects: list[str]) -> dict[str, int]:
+    """Views per title, summed over hourly pageview files (`project title views bytes`). Titles are
+    returned as the dump spells them: underscores become spaces."""
+    for p in paths:
+        if not Path(p).is_file():
+            raise WitError("pageview file not found", where=p)
+    con = duckdb.connect()
+    try:
+        rows = con.execute(
+            """
+            SELECT replace(title, '_', ' ') AS title, sum(views)::BIGINT AS views
+            FROM read_csv($files, delim=' ', header=false, quote='', escape='',
+                          columns={'project': 'VARCHAR', 'title': 'VARCHAR',
+                                   'views': 'BIGINT', 'bytes': 'VARCHAR'},
+                          ignore_errors=true, null_padding=true)
+            WHERE project IN (SELECT unnest($projects)) AND title IS NOT NULL AND views > 0
+            GROUP BY 1
+            """,
+            {"files": [str(p) for p in paths], "projects": projects},
+        ).fetchall()
+    except duckdb.Error as e:
+        raise WitError(f"unreadable pageview files: {e}", where=", ".join(paths)) from None
+    return dict(rows)

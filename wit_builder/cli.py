@@ -1,0 +1,200 @@
+"""The `wit` command line: run a recipe, see where a run stands, and ask it questions in SQL."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import WitError
+
+log = logging.getLogger("wit")
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console logging that does not tear through progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(run_dir: Path | None, verbose: bool) -> None:
+    log.setLevel(logging.DEBUG)
+    log.handlers.clear()
+    console = _TqdmHandler()
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(run_dir / "wit.log")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(file)
+
+
+def _load_run(run: str):
+    """A run folder (its saved recipe.toml) or a recipe file."""
+    from .recipe import load_recipe
+    from .workspace import Run
+
+    path = Path(run)
+    recipe_file = path / "recipe.toml" if path.is_dir() else path
+    if not recipe_file.exists():
+        raise WitError("no run here: expected a run folder with recipe.toml, or a recipe file",
+                       where=str(path))
+    recipe = load_recipe(recipe_file)
+    if path.is_dir():
+        recipe = recipe.model_copy(update={"run": recipe.run.model_copy(
+            update={"root": str(path.resolve().parent), "name": path.resolve().name})})
+    return Run(recipe)
+
+
+def cmd_run(args) -> int:
+    from .recipe import load_recipe
+    from .runner import make_executor, run_stage
+    from .stages import all_stages
+    from .workspace import Run
+
+    overrides = {}
+    if args.workers is not None:
+        overrides["run.workers"] = args.workers
+    if args.executor:
+        overrides["run.executor"] = args.executor
+    recipe = load_recipe(args.recipe, overrides)
+    run = Run(recipe)
+    _setup_logging(run.dir, args.verbose)
+    stages = all_stages()
+    chosen = args.stage or list(stages)
+    for name in chosen:
+        if name not in stages:
+            raise WitError(f"unknown stage {name!r}; stages: {', '.join(stages)}", where="--stage")
+    run.save_recipe()
+    log.info("run %s -> %s (%s executor, %d workers)", recipe.run.name, run.dir,
+             recipe.run.executor, recipe.run.workers)
+    executor = make_executor(run)
+    for name in chosen:
+        run_stage(stages[name], run, executor, force=args.force)
+    log.info("done. Query it: wit sql %s \"SELECT * FROM queries LIMIT 10\"", run.dir)
+    return 0
+
+
+def cmd_status(args) -> int:
+    import pyarrow.parquet as pq
+
+    from .runner import is_complete
+    from .stages import all_stages
+
+    run = _load_run(args.run)
+    print(f"run {run.dir}")
+    for name, stage in all_stages().items():
+        try:
+            tasks = stage.tasks(run)
+        except WitError as e:
+            print(f"  {name:<12} cannot plan: {e}")
+            continue
+        done = [t for t in tasks if is_complete(t)]
+        reduce = stage.reduce_task(run, tasks)
+        line = f"  {name:<12} {len(done)}/{len(tasks)} partitions done, {len(tasks) - len(done)} pending"
+        if reduce is not None:
+            complete = is_complete(reduce)
+            line += ", reduce " + ("done" if complete else "pending")
+            if complete:
+                rows = sum(pq.ParquetFile(p).metadata.num_rows for p in reduce.outputs
+                           if p.endswith(".parquet"))
+                line += f", {rows:,} rows"
+        print(line)
+    return 0
+
+
+def cmd_sql(args) -> int:
+    from . import sql
+
+    run = _load_run(args.run)
+    con = sql.connect(run.dir)
+    if not args.query:
+        return _interactive(con)
+    try:
+        rel = con.sql(args.query)
+    except Exception as e:  # duckdb's own errors are already clear; say which views exist
+        raise WitError(f"{e}\nviews: {', '.join(sql.views(con)) or '(none yet)'}",
+                       where="wit sql") from None
+    if rel is None:
+        return 0
+    if args.csv:
+        rel.to_df().to_csv(sys.stdout, index=False)
+    elif args.json:
+        print(rel.to_df().to_json(orient="records", lines=True, force_ascii=False), end="")
+    elif args.parquet:
+        rel.write_parquet(args.parquet)
+        print(f"wrote {args.parquet}")
+    else:
+        rel.show(max_rows=args.max_rows, max_width=200)
+    return 0
+
+
+def _interactive(con) -> int:
+    from . import sql
+
+    print(f"DuckDB on this run; views: {', '.join(sql.views(con))}. End a statement with ';', "
+          "quit with Ctrl-D.")
+    buf = ""
+    while True:
+        try:
+            line = input("wit> " if not buf else "...> ")
+        except EOFError:
+            print()
+            return 0
+        buf += line + "\n"
+        if buf.strip().endswith(";"):
+            try:
+                rel = con.sql(buf)
+                if rel is not None:
+                    rel.show(max_width=200)
+            except Exception as e:
+                print(e)
+            buf = ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wit", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a recipe's stages (all, or those named with --stage)")
+    p.add_argument("recipe")
+    p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo partitions that are already complete")
+    p.add_argument("--workers", type=int, help="override run.workers")
+    p.add_argument("--executor", choices=["local", "ray"], help="override run.executor")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="partitions done and pending, per stage")
+    p.add_argument("run", help="a run folder (runs/NAME) or its recipe")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("sql", help="DuckDB SQL over a run's stage views")
+    p.add_argument("run", help="a run folder (runs/NAME) or its recipe")
+    p.add_argument("query", nargs="?", help="omit for an interactive prompt")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--parquet", metavar="FILE")
+    p.add_argument("--max-rows", type=int, default=40)
+    p.set_defaults(func=cmd_sql)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except WitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; completed partitions are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Recipes: one TOML file names a whole run. It is validated into typed settings here.
+
+Relative paths in a recipe are relative to the recipe file's own folder, so a recipe can be run from
+anywhere. `run.root` (where run folders go) is the exception: it is relative to the current folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import WitError
+
+
+class _Section(BaseModel):
+    # A misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSettings(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    root: str = "runs"
+    seed: int = 0
+    executor: Literal["local", "ray"] = "local"
+    # 0 means one worker per CPU core.
+    workers: int = Field(default=0, ge=0)
+    # Empty: start a local Ray cluster; otherwise e.g. "auto" or "ray://head:10001".
+    ray_address: str = ""
+
+
+class QuotaSettings(_Section):
+    """Per-source caps; the defaults are MetaCLIP's published split of 500,000 entries."""
+
+    wordnet: int = Field(default=86_654, ge=0)
+    unigram: int = Field(default=251_465, ge=0)
+    bigram: int = Field(default=100_646, ge=0)
+    title: int = Field(default=61_235, ge=0)
+
+
+class QuerySettings(_Section):
+    size: int = Field(default=500_000, ge=1)
+    # MediaWiki XML dumps (.xml, .xml.bz2, multistream .xml.bz2 with its -index.txt.bz2 beside it).
+    wikipedia: list[str] = []
+    # A `word;count` or `word<TAB>count` table that replaces the dump's unigram counts.
+    unigram_counts: str = ""
+    # A WordNet 3.0 database folder; empty to leave WordNet out.
+    wordnet: str = "/usr/share/wordnet"
+    # Hourly pageview files (`project title views bytes`); empty to rank titles by in-dump links.
+    pageviews: list[str] = []
+    pageview_projects: list[str] = ["en", "en.m"]
+    min_count: int = Field(default=100, ge=1)
+    bigram_min_count: int = Field(default=100, ge=1)
+    min_pmi: float = 8.0
+    title_min_views: int = Field(default=5, ge=0)
+    title_min_inlinks: int = Field(default=2, ge=0)
+    # Uncompressed bytes of dump per partition when a multistream index allows splitting a file.
+    partition_mb: int = Field(default=256, ge=1)
+    quota: QuotaSettings = QuotaSettings()
+
+
+class Recipe(_Section):
+    run: RunSettings
+    queries: QuerySettings = QuerySettings()
+
+    # Where the recipe was read from; paths in it are relative to this folder.
+    base_dir: str = Field(default=".", exclude=True)
+
+    @field_validator("run")
+    @classmethod
+    def _workers_default(cls, run: RunSettings) -> RunSettings:
+        if run.workers == 0:
+            return run.model_copy(update={"workers": os.cpu_count() or 1})
+        return run
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "Recipe":
+        q = self.queries
+        if not (q.wikipedia or q.unigram_counts or q.wordnet):
+            raise ValueError("queries: name at least one of wikipedia, unigram_counts or wordnet")
+        return self
+
+    def path(self, value: str) -> Path:
+        """Resolve a path from the recipe against the recipe's folder."""
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root).resolve() / self.run.name
+
+    def resolved_toml(self) -> str:
+        """The recipe with every default filled in and every input path made absolute."""
+        data = self.model_dump(mode="json")
+        q = data["queries"]
+        q["wikipedia"] = [str(self.path(p)) for p in q["wikipedia"]]
+        q["pageviews"] = [str(self.path(p)) for p in q["pageviews"]]
+        for key in ("unigram_counts", "wordnet"):
+            if q[key]:
+                q[key] = str(self.path(q[key]))
+        data["run"]["root"] = str(Path(self.run.root).resolve())
+        return tomli_w.dumps(data)
+
+
+def load_recipe(path: str | os.PathLike, overrides: dict | None = None) -> Recipe:
+    """Read and validate a recipe; every problem names the file and the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WitError("recipe file not found", where=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise WitError(f"not UTF-8 text (byte {e.start})", where=str(path)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise WitError(f"not valid TOML: {e}", where=str(path)) from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})[key] = value
+    raw["base_dir"] = str(path.resolve().parent)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key" + _allowed_keys(err["loc"])
+            problems.append(f"  {key}: {msg} (got {err.get('input')!r})")
+        raise WitError("invalid recipe:\n" + "\n".join(problems), where=str(path)) from None
+
+
+def _allowed_keys(loc: tuple) -> str:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(
+            field.annotation, BaseModel
+        ):
+            return ""
+        model = field.annotation
+    names = [n for n, f in model.model_fields.items() if not f.exclude]
+    return "; allowed: " + ", ".join(names)
+

@@ -1,0 +1,29 @@
+"""DuckDB over a run: one view per stage's parquet, read in place, never copied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+# view name -> glob under the run folder. A view exists once its stage has written a file, so the
+# views of a run still under way show what has completed so far.
+VIEWS = {
+    "queries": "queries/queries.parquet",
+    "dump_errors": "queries/counts/*.errors.parquet",
+}
+
+
+def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
+    run_dir = Path(run_dir)
+    con = duckdb.connect()
+    for name, pattern in VIEWS.items():
+        if any(run_dir.glob(pattern)):
+            path = str(run_dir / pattern).replace("'", "''")
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
+    return con
+
+
+def views(con: duckdb.DuckDBPyConnection) -> list[str]:
+    return [r[0] for r in con.execute(
+        "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()]
