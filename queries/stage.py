@@ -45,7 +45,7 @@ class QueriesStage(Stage):
         tasks = []
         for dump in q.wikipedia:
             path = str(run.recipe.path(dump))
-            for part in plan_parts(path, q.partition_mb << 20):
+            for part in plan_parts(path, int(q.partition_mb * (1 << 20))):
                 base = run.stage_dir("queries") / "counts" / part.key
                 outputs = {name: f"{base}.{name}.parquet" for name in OUTPUTS}
                 end = part.end if part.end is not None else Path(path).stat().st_size

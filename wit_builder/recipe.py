@@ -58,8 +58,9 @@ class QuerySettings(_Section):
     min_pmi: float = 8.0
     title_min_views: int = Field(default=5, ge=0)
     title_min_inlinks: int = Field(default=2, ge=0)
-    # Uncompressed bytes of dump per partition when a multistream index allows splitting a file.
-    partition_mb: int = Field(default=256, ge=1)
+    # Compressed MB of dump per partition, where a multistream index allows splitting a file. Small
+    # enough that one partition's bigram counter fits a worker's memory.
+    partition_mb: float = Field(default=16, gt=0)
     quota: QuotaSettings = QuotaSettings()
 
 

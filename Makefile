@@ -1,0 +1,61 @@
+# wit-builder: every target takes RECIPE=path/to/recipe.toml (default: the demo).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RECIPE ?= pipelines/demo.toml
+RUN_DIR = $(shell $(BIN)/python -c "from wit_builder.recipe import load_recipe; print(load_recipe('$(RECIPE)').run_dir)")
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export NO_ALBUMENTATIONS_UPDATE := 1
+export RAY_AUTH_MODE := disabled
+
+.PHONY: setup demo test test-fast queries status stats sql bench clean
+
+## setup: build .venv (idempotent) and install WordNet 3.0 if it is missing
+setup: $(VENV)/.installed /usr/share/wordnet/data.noun
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[ray,test,bench]'
+	@touch $@
+
+/usr/share/wordnet/data.noun:
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -q --no-install-recommends wordnet-base
+
+## demo: run the demo recipe end to end and say where the result is
+demo: setup
+	$(BIN)/wit run $(RECIPE)
+	@echo
+	@$(BIN)/wit status $(RUN_DIR)
+	@echo
+	@$(BIN)/wit sql $(RUN_DIR) "SELECT s AS source, count(*) AS entries FROM (SELECT unnest(sources) AS s FROM queries) GROUP BY s ORDER BY entries DESC"
+	@echo "Query list: $(RUN_DIR)/queries/queries.parquet (and queries.txt)"
+	@echo "Ask it anything:  $(BIN)/wit sql $(RUN_DIR) \"SELECT * FROM queries LIMIT 10\""
+
+## test: the whole test suite (slow tests included)
+test: setup
+	$(BIN)/python -m pytest -q
+
+## test-fast: the suite without the slow end-to-end tests
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## queries: the query-list stage alone
+queries: setup
+	$(BIN)/wit run $(RECIPE) --stage queries
+
+status: setup
+	$(BIN)/wit status $(RUN_DIR)
+
+## sql: an interactive DuckDB prompt over the run's stage views
+sql: setup
+	$(BIN)/wit sql $(RUN_DIR)
+
+## bench: every benchmark; figures go to bench/README.md by hand
+bench: setup
+	$(BIN)/python bench/dump_counting.py
+	$(BIN)/python bench/unigram_table.py
+
+clean:
+	rm -rf runs
