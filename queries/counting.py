@@ -22,26 +22,45 @@ log = logging.getLogger("wit")
 OUTPUTS = ("unigrams", "bigrams", "titles", "links", "errors")
 
 
-def count_tokens(texts) -> tuple[Counter, Counter]:
-    """Unigram and bigram counts over plain texts; bigrams never cross punctuation or lines."""
-    unigrams: Counter = Counter()
-    bigrams: Counter = Counter()
-    for text in texts:
+class TokenCounter:
+    """Unigram and bigram counts over plain texts; bigrams never cross punctuation or lines.
+
+    Tokens go straight into two Counters (counted in C); the punctuation tokens that break bigrams
+    are removed once, at the end, rather than per text.
+    """
+
+    def __init__(self) -> None:
+        self.unigrams: Counter = Counter()
+        self.bigrams: Counter = Counter()
+
+    def add(self, text: str) -> None:
         tokens = tokenize(text)
-        unigrams.update(tokens)
-        bigrams.update(zip(tokens, tokens[1:]))
-    for t in BREAK_TOKENS:
-        unigrams.pop(t, None)
-    bigrams = Counter({k: v for k, v in bigrams.items()
-                       if k[0] not in BREAK_TOKENS and k[1] not in BREAK_TOKENS})
-    return unigrams, bigrams
+        self.unigrams.update(tokens)
+        self.bigrams.update(zip(tokens, tokens[1:]))
+
+    def finish(self) -> tuple[Counter, Counter]:
+        for t in BREAK_TOKENS:
+            self.unigrams.pop(t, None)
+        for pair in [p for p in self.bigrams if p[0] in BREAK_TOKENS or p[1] in BREAK_TOKENS]:
+            del self.bigrams[pair]
+        return self.unigrams, self.bigrams
+
+
+def _counts_table(counter: Counter, names: list[str]) -> pa.Table:
+    """A counter as a table sorted by its key (so equal counts give equal bytes); sorted in C++."""
+    if len(names) == 1:
+        columns = {names[0]: pa.array(list(counter), pa.string())}
+    else:
+        keys = list(counter)
+        columns = {name: pa.array([k[i] for k in keys], pa.string()) for i, name in enumerate(names)}
+    columns["count"] = pa.array(list(counter.values()), pa.int64())
+    return pa.table(columns).sort_by([(n, "ascending") for n in names])
 
 
 def count_part(path: str, start: int, end: int | None, outputs: dict[str, str]) -> dict:
     """The task function of the counting map: one dump partition in, five parquet files out."""
     part = DumpPart(path, start, end)
-    unigrams: Counter = Counter()
-    bigrams: Counter = Counter()
+    tokens = TokenCounter()
     links: Counter = Counter()
     titles: list[str] = []
     errors: list[tuple[int, str, str]] = []
@@ -60,27 +79,15 @@ def count_part(path: str, start: int, end: int | None, outputs: dict[str, str]) 
         articles += 1
         titles.append(page.title)
         targets: list[str] = []
-        uni, bi = count_tokens([wikitext_to_text(page.text, targets)])
-        unigrams.update(uni)
-        bigrams.update(bi)
+        tokens.add(wikitext_to_text(page.text, targets))
         links.update(targets)
 
-    uni_keys = sorted(unigrams)
-    write_parquet(pa.table({"token": uni_keys, "count": [unigrams[k] for k in uni_keys]},
-                           schema=pa.schema([("token", pa.string()), ("count", pa.int64())])),
-                  outputs["unigrams"])
-    bi_keys = sorted(bigrams)
-    write_parquet(pa.table({"w1": [k[0] for k in bi_keys], "w2": [k[1] for k in bi_keys],
-                            "count": [bigrams[k] for k in bi_keys]},
-                           schema=pa.schema([("w1", pa.string()), ("w2", pa.string()),
-                                             ("count", pa.int64())])),
-                  outputs["bigrams"])
+    unigrams, bigrams = tokens.finish()
+    write_parquet(_counts_table(unigrams, ["token"]), outputs["unigrams"])
+    write_parquet(_counts_table(bigrams, ["w1", "w2"]), outputs["bigrams"])
     write_parquet(pa.table({"title": sorted(titles)}, schema=pa.schema([("title", pa.string())])),
                   outputs["titles"])
-    link_keys = sorted(links)
-    write_parquet(pa.table({"target": link_keys, "count": [links[k] for k in link_keys]},
-                           schema=pa.schema([("target", pa.string()), ("count", pa.int64())])),
-                  outputs["links"])
+    write_parquet(_counts_table(links, ["target"]), outputs["links"])
     write_parquet(pa.table({"file": [path] * len(errors), "offset": [e[0] for e in errors],
                             "page": [e[1] for e in errors], "reason": [e[2] for e in errors]},
                            schema=pa.schema([("file", pa.string()), ("offset", pa.int64()),

@@ -43,8 +43,7 @@ class QueriesStage(Stage):
     def tasks(self, run: Run) -> list[Task]:
         q = run.recipe.queries
         tasks = []
-        for dump in q.wikipedia:
-            path = str(run.recipe.path(dump))
+        for path in run.recipe.paths(q.wikipedia, "queries.wikipedia"):
             for part in plan_parts(path, int(q.partition_mb * (1 << 20))):
                 base = run.stage_dir("queries") / "counts" / part.key
                 outputs = {name: f"{base}.{name}.parquet" for name in OUTPUTS}
@@ -69,7 +68,7 @@ class QueriesStage(Stage):
             "counts": [t.kwargs["outputs"] for t in tasks],
             "unigram_table": str(run.recipe.path(q.unigram_counts)) if q.unigram_counts else "",
             "wordnet": str(run.recipe.path(q.wordnet)) if q.wordnet else "",
-            "pageviews": [str(run.recipe.path(p)) for p in q.pageviews],
+            "pageviews": run.recipe.paths(q.pageviews, "queries.pageviews"),
             "settings": q.model_dump(mode="json"),
             "out_dir": str(out_dir),
         }

@@ -75,7 +75,8 @@ def test_titles_by_pageviews(tmp_path):
     views = tmp_path / "pageviews-20240101-000000.gz"
     with gzip.open(views, "wt") as f:
         f.write("en Dog 3 0\nen.m Dog 4 0\nde Cat 100 0\nen Cat 2 0\nen New_York 50 0\nbroken line\n")
-    _, rows = build(tmp_path, wikipedia=[str(dump)], pageviews=[str(views)], title_min_views=5,
+    _, rows = build(tmp_path, wikipedia=[str(dump)], pageviews=[str(tmp_path / "pageviews-*.gz")],
+                    title_min_views=5,
                     min_count=1000, bigram_min_count=1000)
     assert [(r["query"], r["views"]) for r in rows] == [("New York", 50), ("Dog", 7)]
 

@@ -6,6 +6,7 @@ anywhere. `run.root` (where run folders go) is the exception: it is relative to 
 
 from __future__ import annotations
 
+import glob
 import os
 import tomllib
 from pathlib import Path
@@ -90,6 +91,20 @@ class Recipe(_Section):
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
 
+    def paths(self, values: list[str], key: str) -> list[str]:
+        """Resolve a list of paths, expanding glob patterns (sorted, so the order is stable)."""
+        out = []
+        for value in values:
+            path = str(self.path(value))
+            if any(c in path for c in "*?["):
+                matches = sorted(glob.glob(path))
+                if not matches:
+                    raise WitError(f"no file matches {value!r}", where=f"recipe {key}")
+                out += matches
+            else:
+                out.append(path)
+        return out
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root).resolve() / self.run.name
@@ -98,8 +113,8 @@ class Recipe(_Section):
         """The recipe with every default filled in and every input path made absolute."""
         data = self.model_dump(mode="json")
         q = data["queries"]
-        q["wikipedia"] = [str(self.path(p)) for p in q["wikipedia"]]
-        q["pageviews"] = [str(self.path(p)) for p in q["pageviews"]]
+        q["wikipedia"] = self.paths(q["wikipedia"], "queries.wikipedia")
+        q["pageviews"] = self.paths(q["pageviews"], "queries.pageviews")
         for key in ("unigram_counts", "wordnet"):
             if q[key]:
                 q[key] = str(self.path(q[key]))
