@@ -19,9 +19,16 @@ def _open_text(path: Path):
     return opener(path, "rt", encoding="utf-8", errors="strict", newline="")
 
 
+def is_clean_word(word: str) -> bool:
+    """Count tables carry their tokenizer's artifacts ('"in', '-in', '[it', 'c.', '(;'): a word must
+    begin and end with a letter or digit. Inner punctuation stays ('u.s', 'covid-19', "don't")."""
+    return bool(word) and word[0].isalnum() and word[-1].isalnum()
+
+
 def read_unigram_table(path: str | Path) -> dict[str, int]:
-    """`word;count` or `word<TAB>count` lines (plain, .gz or .bz2). The empty word is dropped; a
-    malformed line is skipped with a warning that names it."""
+    """`word;count` or `word<TAB>count` lines (plain, .gz or .bz2). Empty words and tokenizer
+    artifacts (see `is_clean_word`) are dropped; a malformed line is skipped with a warning that
+    names it."""
     path = Path(path)
     if not path.is_file():
         raise WitError("unigram count table not found", where=str(path))
@@ -38,7 +45,7 @@ def read_unigram_table(path: str | Path) -> dict[str, int]:
                     bad.append(lineno)
                     continue
                 word = word.strip()
-                if word:
+                if is_clean_word(word):
                     counts[word] = counts.get(word, 0) + int(count)
     except UnicodeDecodeError as e:
         raise WitError(f"invalid UTF-8 ({e.reason})", where=str(path), record=f"line {lineno + 1}") from None
