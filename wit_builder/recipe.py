@@ -65,9 +65,51 @@ class QuerySettings(_Section):
     quota: QuotaSettings = QuotaSettings()
 
 
+class CandidateSettings(_Section):
+    # WARC (.warc, .warc.gz), Common Crawl WAT (.wat.gz) and lists (.parquet, .csv, .tsv, .jsonl).
+    inputs: list[str] = []
+    # Columns of tabular lists, as img2dataset names them.
+    url_col: str = "url"
+    caption_col: str = "caption"
+    # Keep only the first text seen for each image URL.
+    one_text_per_url: bool = False
+
+
+BOILERPLATE = [
+    "image", "images", "img", "photo", "photos", "picture", "pic", "logo", "icon", "spacer",
+    "thumbnail", "thumb", "click here", "click to enlarge", "banner", "button", "avatar",
+    "placeholder", "untitled", "null", "none", "undefined", "blank", "pixel", "spacer gif",
+    "image not found", "no image", "loading", "arrow", "bullet", "divider", "advertisement", "ad",
+    "more", "read more", "default", "alt", "alt text", "photo credit", "featured image",
+]
+
+
+class FilterSettings(_Section):
+    min_chars: int = Field(default=5, ge=0)
+    min_words: int = Field(default=1, ge=0)
+    max_chars: int = Field(default=1000, ge=1)
+    # Whole-text matches (case-insensitive, surrounding punctuation ignored) that are dropped.
+    boilerplate: list[str] = BOILERPLATE
+    # Repair mojibake with ftfy before every other rule.
+    fix_text: bool = True
+    # ISO 639-1 codes to keep, judged offline by py3langid; empty keeps every language.
+    languages: list[str] = []
+    # A text is dropped for language only when the detector is at least this sure.
+    min_language_confidence: float = Field(default=0.8, ge=0, le=1)
+
+
+class MatchSettings(_Section):
+    mode: Literal["words", "metaclip"] = "words"
+    # Captions per call of the matcher.
+    batch_size: int = Field(default=200_000, ge=1)
+
+
 class Recipe(_Section):
     run: RunSettings
     queries: QuerySettings = QuerySettings()
+    candidates: CandidateSettings = CandidateSettings()
+    filter: FilterSettings = FilterSettings()
+    match: MatchSettings = MatchSettings()
 
     # Where the recipe was read from; paths in it are relative to this folder.
     base_dir: str = Field(default=".", exclude=True)
@@ -115,6 +157,7 @@ class Recipe(_Section):
         q = data["queries"]
         q["wikipedia"] = self.paths(q["wikipedia"], "queries.wikipedia")
         q["pageviews"] = self.paths(q["pageviews"], "queries.pageviews")
+        data["candidates"]["inputs"] = self.paths(data["candidates"]["inputs"], "candidates.inputs")
         for key in ("unigram_counts", "wordnet"):
             if q[key]:
                 q[key] = str(self.path(q[key]))

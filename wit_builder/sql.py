@@ -11,6 +11,11 @@ import duckdb
 VIEWS = {
     "queries": "queries/queries.parquet",
     "dump_errors": "queries/counts/*.errors.parquet",
+    "candidates": "candidates/part-*.parquet",
+    "candidate_rejects": "candidates/rejects/part-*.parquet",
+    "filtered": "filtered/part-*.parquet",
+    "matched": "matched/part-*.parquet",
+    "match_counts": "matched/counts/part-*.parquet",
 }
 
 

@@ -6,7 +6,10 @@ from .runner import Stage
 
 
 def all_stages() -> dict[str, Stage]:
+    from pipelines.candidates import CandidatesStage
+    from pipelines.filter import FilterStage
+    from pipelines.match import MatchStage
     from queries.stage import QueriesStage
 
-    stages = [QueriesStage()]
+    stages = [QueriesStage(), CandidatesStage(), FilterStage(), MatchStage()]
     return {s.name: s for s in stages}
