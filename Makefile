@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup demo test test-fast queries status stats sql bench clean
+.PHONY: setup demo test test-fast queries candidates filter match status sql bench clean
 
 ## setup: build .venv (idempotent) and install WordNet 3.0 if it is missing
 setup: $(VENV)/.installed /usr/share/wordnet/data.noun
@@ -30,8 +30,9 @@ demo: setup
 	@$(BIN)/wit status $(RUN_DIR)
 	@echo
 	@$(BIN)/wit sql $(RUN_DIR) "SELECT s AS source, count(*) AS entries FROM (SELECT unnest(sources) AS s FROM queries) GROUP BY s ORDER BY entries DESC"
-	@echo "Query list: $(RUN_DIR)/queries/queries.parquet (and queries.txt)"
-	@echo "Ask it anything:  $(BIN)/wit sql $(RUN_DIR) \"SELECT * FROM queries LIMIT 10\""
+	@$(BIN)/wit sql $(RUN_DIR) "$$(cat pipelines/funnel.sql)"
+	@echo "Query list: $(RUN_DIR)/queries/queries.parquet; matched pairs: $(RUN_DIR)/matched/"
+	@echo "Ask it anything:  $(BIN)/wit sql $(RUN_DIR) \"SELECT text, query_ids FROM matched LIMIT 10\""
 
 ## test: the whole test suite (slow tests included)
 test: setup
@@ -45,6 +46,16 @@ test-fast: setup
 queries: setup
 	$(BIN)/wit run $(RECIPE) --stage queries
 
+## candidates, filter, match: one pair stage each
+candidates: setup
+	$(BIN)/wit run $(RECIPE) --stage candidates
+
+filter: setup
+	$(BIN)/wit run $(RECIPE) --stage filter
+
+match: setup
+	$(BIN)/wit run $(RECIPE) --stage match
+
 status: setup
 	$(BIN)/wit status $(RUN_DIR)
 
@@ -56,6 +67,7 @@ sql: setup
 bench: setup
 	$(BIN)/python bench/dump_counting.py
 	$(BIN)/python bench/unigram_table.py
+	$(BIN)/python bench/match.py
 
 clean:
 	rm -rf runs

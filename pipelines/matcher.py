@@ -57,6 +57,18 @@ def unicode_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return word, single, np.array(ptr, np.int64), np.array(cps, np.int32)
 
 
+@lru_cache(maxsize=2)
+def character_kinds(mode: str) -> np.ndarray:
+    """Per code point, what the kernel does with it: 0 part of a token, 1 a space (token break),
+    2 a token of its own between spaces (MetaCLIP's wrapped punctuation)."""
+    if mode == "words":
+        return (~unicode_tables()[0]).astype(np.int8)
+    kinds = np.zeros(0x110000, np.int8)
+    kinds[[ord(c) for c in " " + METACLIP_SPACE]] = 1
+    kinds[[ord(c) for c in METACLIP_WRAP]] = 2
+    return kinds
+
+
 def query_tokens(query: str, mode: str) -> list[str]:
     if mode == "words":
         return re.findall(r"\w+", query.casefold())
@@ -102,7 +114,9 @@ def _build_table(hashes, size):
 
 # A row of the state table, one cache line of int32s. States 0..V-1 are the roots of the V vocabulary
 # tokens, so a token's id is also its first state; deeper states follow.
-TERM_START, TERM_COUNT, FIRST_QUERY, INNER, CPS_START, CPS_LEN = range(6)
+# SIG is a 32-bit summary of a state's outgoing tokens (bit `tok % 32`): when the next token's bit is
+# clear there is no edge, and the edge table (large, so often not in cache) is not probed at all.
+TERM_START, TERM_COUNT, FIRST_QUERY, CPS_START, CPS_LEN, SIG = range(6)
 ROW = 8
 
 
@@ -156,7 +170,7 @@ def _find_edge(state, tok, V, etable, edst):
 
 
 @numba.njit(cache=True)
-def _match_kernel(data, offsets, metaclip, word, fold1, fptr, fcps,
+def _match_kernel(data, offsets, metaclip, kinds, fold1, fptr, fcps,
                   vtable, vcps, rows, etable, edst, tids, V):
     n = len(offsets) - 1
     out_off = np.zeros(n + 1, np.int64)
@@ -201,7 +215,12 @@ def _match_kernel(data, offsets, metaclip, word, fold1, fptr, fcps,
             # What this code point becomes: a folded expansion (words) or itself (metaclip).
             nexp = 1
             exp[0] = c
-            if not metaclip:
+            if metaclip:
+                pass
+            elif c < 128:
+                if 65 <= c <= 90:  # ASCII capitals: the common case of case folding
+                    exp[0] = c + 32
+            else:
                 f = fold1[c]
                 if f >= 0:
                     exp[0] = f
@@ -213,15 +232,7 @@ def _match_kernel(data, offsets, metaclip, word, fold1, fptr, fcps,
             for j in range(nexp):
                 c = exp[j]
                 # kind: 0 = token character, 1 = space, 2 = a one-character token between spaces
-                if metaclip:
-                    if c == 32 or c == 9 or c == 10 or c == 13:
-                        kind = 1
-                    elif c == 44 or c == 46 or c == 59 or c == 58 or c == 63 or c == 33 or c == 96:
-                        kind = 2
-                    else:
-                        kind = 0
-                else:
-                    kind = 0 if word[c] else 1
+                kind = kinds[c]
                 steps = 3 if kind == 2 else 1
                 for step in range(steps):
                     is_space = kind == 1 or (kind == 2 and step != 1)
@@ -265,7 +276,9 @@ def _match_kernel(data, offsets, metaclip, word, fold1, fptr, fcps,
                         out[nout + k] = tids[rows[state, TERM_START] + k]
                     nout += count
                 b += 1
-                if not rows[state, INNER] or b >= ntok or not adj[b] or toks[b] < 0:
+                if b >= ntok or not adj[b] or toks[b] < 0:
+                    break
+                if not (rows[state, SIG] >> (toks[b] & 31)) & 1:
                     break
                 state = _find_edge(state, toks[b], V, etable, edst)
         # Sorted and distinct: a query found twice in one text is recorded once.
@@ -341,7 +354,8 @@ class QueryMatcher:
         rows = np.zeros((nstates, ROW), np.int32)
         rows[: len(vocab), CPS_START] = vptr[:-1]
         rows[: len(vocab), CPS_LEN] = np.diff(vptr)
-        rows[[k // V for k in keys], INNER] = 1
+        for k in keys:
+            rows[k // V, SIG] |= np.int32(np.uint32(1 << (k % V % 32)).view(np.int32))
         tids = []
         for state in sorted(terminals):
             ids = sorted(terminals[state])
@@ -354,6 +368,7 @@ class QueryMatcher:
                         _build_table(mixed, _table_size(len(keys))), np.array(dst, np.int32),
                         np.array(tids, np.int32), V)
         self._unicode = unicode_tables()
+        self._kinds = character_kinds(mode)
         self.build_seconds = time.perf_counter() - t0
         self.nbytes = sum(a.nbytes for a in self._tables[:-1])
 
@@ -379,8 +394,8 @@ class QueryMatcher:
         _, offsets_buf, data_buf = texts.buffers()
         offsets = np.frombuffer(offsets_buf, np.int64)[texts.offset : texts.offset + len(texts) + 1]
         data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(1, np.uint8)
-        word, fold1, fptr, fcps = self._unicode
-        out_off, ids = _match_kernel(data, offsets, self.mode == "metaclip", word, fold1, fptr, fcps,
+        _, fold1, fptr, fcps = self._unicode
+        out_off, ids = _match_kernel(data, offsets, self.mode == "metaclip", self._kinds, fold1, fptr, fcps,
                                      *self._tables)
         return pa.ListArray.from_arrays(pa.array(out_off.astype(np.int32)), pa.array(ids, pa.int32()))
 

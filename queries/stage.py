@@ -62,16 +62,18 @@ class QueriesStage(Stage):
     def reduce_task(self, run: Run, tasks: list[Task]) -> Task:
         q = run.recipe.queries
         out_dir = run.stage_dir("queries")
-        inputs = {"version": VERSION, "settings": q.model_dump(mode="json"),
-                  "parts": [t.fingerprint for t in tasks], "files": []}
         kwargs = {
             "counts": [t.kwargs["outputs"] for t in tasks],
             "unigram_table": str(run.recipe.path(q.unigram_counts)) if q.unigram_counts else "",
             "wordnet": str(run.recipe.path(q.wordnet)) if q.wordnet else "",
             "pageviews": run.recipe.paths(q.pageviews, "queries.pageviews"),
-            "settings": q.model_dump(mode="json"),
+            "settings": q.model_dump(mode="json", exclude={"wikipedia", "pageviews", "unigram_counts",
+                                                           "wordnet"}),
             "out_dir": str(out_dir),
         }
+        # Settings as resolved (absolute paths), so a saved recipe.toml gives the same fingerprint.
+        inputs = {"version": VERSION, "settings": kwargs["settings"], "parts": [t.fingerprint for t in tasks],
+                  "sources": [kwargs["unigram_table"], kwargs["wordnet"], kwargs["pageviews"]], "files": []}
         for f in [kwargs["unigram_table"], *kwargs["pageviews"]]:
             if f and Path(f).exists():
                 inputs["files"].append(file_identity(f))

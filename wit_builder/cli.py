@@ -85,6 +85,7 @@ def cmd_status(args) -> int:
     import pyarrow.parquet as pq
 
     from .runner import is_complete
+    from .sql import STAGE_VIEWS, VIEWS
     from .stages import all_stages
 
     run = _load_run(args.run)
@@ -93,18 +94,17 @@ def cmd_status(args) -> int:
         try:
             tasks = stage.tasks(run)
         except WitError as e:
-            print(f"  {name:<12} cannot plan: {e}")
+            print(f"  {name:<12} cannot plan yet: {e}")
             continue
-        done = [t for t in tasks if is_complete(t)]
+        done = sum(is_complete(t) for t in tasks)
+        line = f"  {name:<12} {done}/{len(tasks)} partitions done"
         reduce = stage.reduce_task(run, tasks)
-        line = f"  {name:<12} {len(done)}/{len(tasks)} partitions done, {len(tasks) - len(done)} pending"
         if reduce is not None:
-            complete = is_complete(reduce)
-            line += ", reduce " + ("done" if complete else "pending")
-            if complete:
-                rows = sum(pq.ParquetFile(p).metadata.num_rows for p in reduce.outputs
-                           if p.endswith(".parquet"))
-                line += f", {rows:,} rows"
+            line += ", reduce " + ("done" if is_complete(reduce) else "pending")
+        view = STAGE_VIEWS.get(name)
+        if view:
+            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in run.dir.glob(VIEWS[view]))
+            line += f"; {view}: {rows:,} rows"
         print(line)
     return 0
 

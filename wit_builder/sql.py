@@ -19,6 +19,10 @@ VIEWS = {
 }
 
 
+# The view that holds each stage's main output, for `wit status`.
+STAGE_VIEWS = {"queries": "queries", "candidates": "candidates", "filter": "filtered", "match": "matched"}
+
+
 def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
     run_dir = Path(run_dir)
     con = duckdb.connect()

@@ -1,0 +1,12 @@
+-- The pair funnel: images found, rejected at extraction (by reason), dropped by the filter (by
+-- reason), kept, and matched.
+SELECT 'candidates' AS step, NULL AS reason, count(*) AS pairs FROM candidates
+UNION ALL
+SELECT 'extraction rejected', reason, count(*) FROM candidate_rejects GROUP BY reason
+UNION ALL
+SELECT 'filter dropped', reason, count(*) FROM filtered WHERE NOT ok GROUP BY reason
+UNION ALL
+SELECT 'filter kept', NULL, count(*) FROM filtered WHERE ok
+UNION ALL
+SELECT 'matched', NULL, count(*) FROM matched
+ORDER BY step, pairs DESC
