@@ -104,12 +104,54 @@ class MatchSettings(_Section):
     batch_size: int = Field(default=200_000, ge=1)
 
 
+class DownloadSettings(_Section):
+    """img2dataset's own settings pass straight through; the rest is the egress policy."""
+
+    thread_count: int = Field(default=64, ge=1)
+    timeout: int = Field(default=10, ge=1)  # img2dataset's, per socket read
+    retries: int = Field(default=0, ge=0)  # img2dataset's, immediate
+    # Later passes over the samples that failed for a retryable reason (timeouts, 5xx, 429, resets).
+    retry_passes: int = Field(default=1, ge=0)
+    retry_delay_s: float = Field(default=2.0, ge=0)
+    image_size: int = Field(default=256, ge=1)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    min_image_size: int = Field(default=0, ge=0)
+    max_image_area: float = float("inf")
+    max_aspect_ratio: float = float("inf")
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(default=95, ge=0, le=100)
+    user_agent_token: str = "wit-builder"
+    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    # Decompression bombs: images with more pixels are refused before a full decode (OpenCV's cap).
+    max_pixels: int = Field(default=89_478_485, ge=1)
+    samples_per_shard: int = Field(default=1000, ge=1)  # img2dataset's shard: the unit of resume
+    # Egress policy, enforced by the proxy on every hop.
+    allow_loopback: bool = False
+    deadline_s: float = Field(default=30.0, gt=0)  # whole request, not per read
+    max_bytes: int = Field(default=20 << 20, ge=1)
+    per_host_connections: int = Field(default=16, ge=1)
+    per_host_rps: float = Field(default=0.0, ge=0)  # 0: no rate limit
+    opt_out_domains: list[str] = []  # a domain and its subdomains
+    opt_out_urls: list[str] = []
+    # A miniature web: serve these WARC captures (and the fault routes) on 127.0.0.1 and send every
+    # host name there. For the demo and tests; needs allow_loopback.
+    replay: list[str] = []
+
+    @model_validator(mode="after")
+    def _replay_needs_loopback(self) -> "DownloadSettings":
+        if self.replay and not self.allow_loopback:
+            raise ValueError("download.replay serves on 127.0.0.1: set download.allow_loopback = true")
+        return self
+
+
 class Recipe(_Section):
     run: RunSettings
     queries: QuerySettings = QuerySettings()
     candidates: CandidateSettings = CandidateSettings()
     filter: FilterSettings = FilterSettings()
     match: MatchSettings = MatchSettings()
+    download: DownloadSettings = DownloadSettings()
 
     # Where the recipe was read from; paths in it are relative to this folder.
     base_dir: str = Field(default=".", exclude=True)
@@ -158,6 +200,7 @@ class Recipe(_Section):
         q["wikipedia"] = self.paths(q["wikipedia"], "queries.wikipedia")
         q["pageviews"] = self.paths(q["pageviews"], "queries.pageviews")
         data["candidates"]["inputs"] = self.paths(data["candidates"]["inputs"], "candidates.inputs")
+        data["download"]["replay"] = self.paths(data["download"]["replay"], "download.replay")
         for key in ("unigram_counts", "wordnet"):
             if q[key]:
                 q[key] = str(self.path(q[key]))

@@ -16,11 +16,14 @@ VIEWS = {
     "filtered": "filtered/part-*.parquet",
     "matched": "matched/part-*.parquet",
     "match_counts": "matched/counts/part-*.parquet",
+    "downloads": "download/part-*.parquet",
+    "images": "download/images/part-*.parquet",
 }
 
 
 # The view that holds each stage's main output, for `wit status`.
-STAGE_VIEWS = {"queries": "queries", "candidates": "candidates", "filter": "filtered", "match": "matched"}
+STAGE_VIEWS = {"queries": "queries", "candidates": "candidates", "filter": "filtered", "match": "matched",
+               "download": "downloads"}
 
 
 def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:

@@ -7,9 +7,10 @@ from .runner import Stage
 
 def all_stages() -> dict[str, Stage]:
     from pipelines.candidates import CandidatesStage
+    from pipelines.download import DownloadStage
     from pipelines.filter import FilterStage
     from pipelines.match import MatchStage
     from queries.stage import QueriesStage
 
-    stages = [QueriesStage(), CandidatesStage(), FilterStage(), MatchStage()]
+    stages = [QueriesStage(), CandidatesStage(), FilterStage(), MatchStage(), DownloadStage()]
     return {s.name: s for s in stages}

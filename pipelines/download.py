@@ -1,0 +1,253 @@
+"""Download: the images of the matched pairs, through img2dataset, behind the egress proxy.
+
+Per matched partition:
+- `download/part-<key>.parquet`: one row per sample, successes and failures alike (uid, url, status,
+  reason, error_message, http_status, attempts, width, height, original sizes, sha256, bytes);
+- `download/images/part-<key>.parquet`: uid, sha256 and the image bytes of the successes.
+
+Why parquet with bytes rather than img2dataset's WebDataset output: dedup reads the images and their
+hashes column-wise and by uid, and the shard stage shuffles globally across partitions, so it rewrites
+every tar anyway; parquet also gives DuckDB the per-sample status for free.
+
+img2dataset runs one partition at a time into a work folder with its incremental mode and shards of
+`samples_per_shard`: a run killed mid-partition fetches again only the shards it had not finished,
+and the partition's outputs appear, atomically, only when every pass is done. Samples that failed for a
+retryable reason are fetched again in later passes; `attempts` says how many were made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from wit_builder.runner import Stage, Task
+from wit_builder.workspace import Run, file_identity, write_parquet
+
+from .egress import EgressProxy, Policy
+from .match import MatchStage
+
+log = logging.getLogger("wit")
+VERSION = 1
+
+STATUS_SCHEMA = pa.schema([
+    ("uid", pa.string()), ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+    ("error_message", pa.string()), ("http_status", pa.int32()), ("attempts", pa.int32()),
+    ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
+    ("original_height", pa.int32()), ("sha256", pa.string()), ("bytes", pa.int64()),
+])
+IMAGES_SCHEMA = pa.schema([("uid", pa.string()), ("sha256", pa.string()), ("image", pa.binary())])
+RETRYABLE = {"timeout", "connection_error", "deadline", "upstream_error", "host_busy", "host_rate_limited",
+             "truncated", "http_429", "http_500", "http_502", "http_503", "http_504", "connect_failed"}
+PROXY_VARS = ("http_proxy", "https_proxy", "ftp_proxy", "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY")
+
+
+def classify(status: str, error: str | None) -> tuple[str, str | None, int | None]:
+    """(status, reason, http_status) from img2dataset's status and error message."""
+    if status == "success":
+        return "success", None, 200
+    error = error or ""
+    if m := re.search(r"wit-refused (\w+)", error):
+        return "refused", m.group(1), None
+    if m := re.match(r"HTTP Error (\d+)", error):
+        return "failed", f"http_{m.group(1)}", int(m.group(1))
+    low = error.lower()
+    if "x-robots-tag" in low:
+        return "refused", "opt_out_header", 200
+    if "incompleteread" in low or "incomplete read" in low:
+        return "failed", "truncated", 200
+    if "timed out" in low or "timeout" in low:
+        return "failed", "timeout", None
+    if "image_pixels" in low or "cv_io_max_image_pixels" in low or "decompression bomb" in low:
+        return "failed", "too_many_pixels", 200
+    if "too small" in low or "image too" in low or "aspect ratio" in low:
+        return "failed", "size_rules", 200
+    if "decod" in low:
+        return "failed", "decode_error", 200
+    if "urlopen error" in low or "connection" in low or "errno" in low:
+        return "failed", "connection_error", None
+    return "failed", "other", None
+
+
+def pre_refusal(url: str, opt_out_domains: list[str], opt_out_urls: set[str]) -> str | None:
+    """Refusals decided before any request: schemes other than http(s), and the recipe's opt-outs."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return "bad_scheme"
+    if url in opt_out_urls:
+        return "opt_out_url"
+    host = (parts.hostname or "").lower()
+    if any(host == d or host.endswith("." + d) for d in opt_out_domains):
+        return "opt_out_domain"
+    return None
+
+
+@contextlib.contextmanager
+def egress_environment(proxy_url: str, max_pixels: int):
+    """Point every urllib request of img2dataset (and its worker processes) at the proxy."""
+    saved = {k: os.environ.get(k) for k in (*PROXY_VARS, "no_proxy", "NO_PROXY",
+                                             "OPENCV_IO_MAX_IMAGE_PIXELS", "NO_ALBUMENTATIONS_UPDATE")}
+    os.environ.update({k: proxy_url for k in PROXY_VARS})
+    os.environ.update({"no_proxy": "", "NO_PROXY": "", "OPENCV_IO_MAX_IMAGE_PIXELS": str(max_pixels),
+                       "NO_ALBUMENTATIONS_UPDATE": "1"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def output_to(path: Path):
+    """Send this process's stdout and stderr (file descriptors, so child processes too) to a file."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def run_img2dataset(rows: pa.Table, folder: Path, s: dict) -> pa.Table:
+    """One img2dataset pass over (uid, url, text) rows; returns its output rows."""
+    import img2dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "input.parquet"
+    if not source.exists():
+        write_parquet(rows.select(["uid", "url", "text"]).rename_columns(["uid", "url", "caption"]), source)
+    out = folder / "out"
+    with output_to(folder / "img2dataset.log"):  # it prints; the outcomes are in its parquet
+        img2dataset.download(
+            url_list=str(source), input_format="parquet", url_col="url", caption_col="caption",
+            save_additional_columns=["uid"], output_format="parquet", output_folder=str(out),
+            processes_count=1, thread_count=s["thread_count"], timeout=s["timeout"],
+            retries=s["retries"], image_size=s["image_size"], resize_mode=s["resize_mode"],
+            resize_only_if_bigger=s["resize_only_if_bigger"], min_image_size=s["min_image_size"],
+            max_image_area=s["max_image_area"], max_aspect_ratio=s["max_aspect_ratio"],
+            encode_format=s["encode_format"], encode_quality=s["encode_quality"],
+            user_agent_token=s["user_agent_token"],
+            disallowed_header_directives=s["disallowed_header_directives"],
+            number_sample_per_shard=s["samples_per_shard"], incremental_mode="incremental",
+            compute_hash="sha256", extract_exif=False, enable_wandb=False,
+        )
+    shards = sorted(out.glob("*.parquet"))
+    expected = -(-rows.num_rows // s["samples_per_shard"])
+    if len(shards) != expected:  # img2dataset does not raise when a shard fails
+        raise RuntimeError(f"img2dataset wrote {len(shards)} of {expected} shards in {out}")
+    return pa.concat_tables([pq.read_table(p) for p in shards])
+
+
+def decodes(data: bytes) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except Exception:
+        return False
+
+
+def download_part(matched: str, settings: dict, work: str, outputs: dict) -> dict:
+    s = settings
+    rows = pq.read_table(matched, columns=["uid", "url", "text"])
+    uids, urls = rows.column("uid").to_pylist(), rows.column("url").to_pylist()
+    records: dict[str, dict] = {}
+    opt_urls = set(s["opt_out_urls"])
+    domains = [d.lower().lstrip(".") for d in s["opt_out_domains"]]
+    for uid, url in zip(uids, urls):
+        if reason := pre_refusal(url, domains, opt_urls):
+            records[uid] = {"status": "refused", "reason": reason, "attempts": 0}
+    pending = rows.filter(pa.array([u not in records for u in uids], pa.bool_()))
+
+    web = contextlib.nullcontext()
+    if s["replay"]:
+        from .miniweb import MiniWeb
+
+        web = MiniWeb(s["replay"])
+    images: dict[str, bytes] = {}
+    with web as mini:
+        policy = Policy(allow_loopback=s["allow_loopback"], deadline_s=s["deadline_s"],
+                        max_bytes=s["max_bytes"], per_host_connections=s["per_host_connections"],
+                        per_host_rps=s["per_host_rps"], route=mini.address if mini else None)
+        with EgressProxy(policy) as proxy, egress_environment(proxy.url, s["max_pixels"]):
+            for attempt in range(1, s["retry_passes"] + 2):
+                if pending.num_rows == 0:
+                    break
+                if attempt > 1:
+                    time.sleep(s["retry_delay_s"])
+                result = run_img2dataset(pending, Path(work) / f"pass-{attempt}", s)
+                for r in result.to_pylist():
+                    status, reason, http_status = classify(r["status"], r["error_message"])
+                    image = r.get(s["encode_format"])
+                    if status == "success" and not (image and decodes(image)):
+                        status, reason = "failed", "undecodable"
+                    rec = {"status": status, "reason": reason, "http_status": http_status,
+                           "error_message": r["error_message"], "attempts": attempt}
+                    if status == "success":
+                        rec.update(width=r["width"], height=r["height"], sha256=r["sha256"],
+                                   original_width=r["original_width"],
+                                   original_height=r["original_height"], bytes=len(image))
+                        images[r["uid"]] = image
+                    records[r["uid"]] = rec
+                retry = [records.get(u, {}).get("reason") in RETRYABLE for u in pending.column("uid").to_pylist()]
+                pending = pending.filter(pa.array(retry, pa.bool_()))
+
+    status_rows = [{"uid": u, "url": url, **records.get(u, {"status": "failed", "reason": "missing"})}
+                   for u, url in zip(uids, urls)]
+    write_parquet(pa.Table.from_pylist(status_rows, schema=STATUS_SCHEMA), outputs["status"])
+    kept = [u for u in uids if u in images]
+    write_parquet(pa.table({"uid": kept, "sha256": [records[u]["sha256"] for u in kept],
+                            "image": [images[u] for u in kept]}, schema=IMAGES_SCHEMA), outputs["images"])
+    shutil.rmtree(work, ignore_errors=True)
+    by_status: dict[str, int] = {}
+    for r in status_rows:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    return {"samples": len(status_rows), **by_status}
+
+
+class DownloadStage(Stage):
+    name = "download"
+
+    def tasks(self, run: Run) -> list[Task]:
+        settings = run.recipe.download.model_dump(mode="json")
+        settings["replay"] = run.recipe.paths(run.recipe.download.replay, "download.replay")
+        out = run.stage_dir(self.name)
+        tasks = []
+        for t in MatchStage().tasks(run):
+            outputs = {"status": str(out / f"part-{t.key}.parquet"),
+                       "images": str(out / "images" / f"part-{t.key}.parquet")}
+            tasks.append(Task(
+                stage=self.name, key=t.key, func=download_part,
+                kwargs={"matched": t.kwargs["outputs"]["matched"], "settings": settings,
+                        "work": str(out / "_work" / t.key), "outputs": outputs},
+                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, t.key)),
+                inputs={"version": VERSION, "upstream": t.fingerprint, "settings": settings,
+                        "replay": [file_identity(p) for p in settings["replay"]]},
+                weight=t.weight,
+            ))
+        return tasks

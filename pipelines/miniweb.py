@@ -1,0 +1,200 @@
+"""The miniature web: real pages and images replayed from WARC captures over HTTP on 127.0.0.1, plus
+routes that misbehave the ways the open web does. Tests and `make demo` download from it.
+
+Requests arrive as the egress proxy forwards them (origin-form path, original Host header), so each
+capture is served under its original URL. The fault routes live on the host `faults.wit.test` (the
+`.test` domain is reserved and never resolves on the real web).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import threading
+import time
+import zlib
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+FAULT_HOST = "faults.wit.test"
+# Each fault route and what a downloader must make of it.
+FAULT_ROUTES = {
+    "/404.jpg": "HTTP 404",
+    "/500.jpg": "HTTP 500",
+    "/hang.jpg": "sends nothing until the client gives up",
+    "/trickle.jpg": "one byte every half second",
+    "/truncated.jpg": "a body shorter than its Content-Length",
+    "/html.jpg": "HTML served as image/jpeg",
+    "/corrupt.jpg": "a JPEG header followed by noise",
+    "/huge.png": "a valid 20000x20000 PNG (a decompression bomb)",
+    "/noai.jpg": "a real image with X-Robots-Tag: noai",
+    "/redirect/3.jpg": "a chain of three redirects to a real image",
+    "/redirect-private.jpg": "a redirect to a private address",
+    "/redirect-metadata.jpg": "a redirect to the link-local metadata address",
+    "/slow.jpg": "a real image after a one-second delay",
+    "/429.jpg": "HTTP 429 with Retry-After",
+}
+
+
+def _strip(headers) -> list[tuple[str, str]]:
+    drop = {"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"}
+    return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+def load_captures(warcs: list[str]) -> dict[tuple[str, str], tuple[int, list, bytes]]:
+    """(host, path?query) -> (status, headers, body) for every HTTP response in the WARCs."""
+    from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+    captures = {}
+    for warc in warcs:
+        with open(warc, "rb") as f:
+            try:
+                for record in ArchiveIterator(f, record_types=WarcRecordType.response):
+                    uri = (record.headers.get("WARC-Target-URI") or "").strip("<> ")
+                    parts = urlsplit(uri)
+                    if parts.scheme != "http" or not parts.hostname or record.http_headers is None:
+                        continue
+                    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                    key = (parts.hostname.lower(), target)
+                    if key not in captures:
+                        captures[key] = (record.http_headers.status_code,
+                                         _strip(record.http_headers.items()), record.reader.read())
+            except OSError:
+                pass  # a broken tail: serve what came before it
+    return captures
+
+
+@lru_cache(maxsize=1)
+def huge_png(side: int = 20000) -> bytes:
+    """A valid grey PNG of side x side pixels, about 400 KB compressed, 400 MB decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, status: int, headers: list, body: bytes, length: int | None = None) -> None:
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        web: MiniWeb = self.server.web
+        host = (self.headers.get("Host") or "").split(":")[0].lower()
+        path = self.path
+        if path.startswith("http://"):  # asked directly as a proxy
+            parts = urlsplit(path)
+            host, path = (parts.hostname or "").lower(), (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        web.requests += 1
+        try:
+            if host == FAULT_HOST or host.replace(".", "").isdigit():  # or asked by IP, directly
+                return self._fault(path, web)
+            capture = web.captures.get((host, path))
+            if capture is None:
+                return self._send(404, [("Content-Type", "text/plain")], b"not in the capture\n")
+            self._send(*capture)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _fault(self, path: str, web: "MiniWeb") -> None:
+        jpeg = web.sample_image
+        image = [("Content-Type", "image/jpeg")]
+        if path == "/404.jpg":
+            return self._send(404, [("Content-Type", "text/html")], b"<h1>Not Found</h1>")
+        if path == "/500.jpg":
+            return self._send(500, [("Content-Type", "text/html")], b"<h1>Server Error</h1>")
+        if path == "/429.jpg":
+            return self._send(429, [("Retry-After", "1")], b"slow down")
+        if path == "/hang.jpg":
+            web.stop.wait(web.hang_seconds)
+            return None
+        if path == "/trickle.jpg":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(jpeg)))
+            self.end_headers()
+            for i in range(len(jpeg)):
+                if web.stop.wait(0.5):
+                    return None
+                self.wfile.write(jpeg[i : i + 1])
+                self.wfile.flush()
+            return None
+        if path == "/truncated.jpg":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(jpeg)))
+            self.end_headers()
+            self.wfile.write(jpeg[: len(jpeg) // 3])
+            return None
+        if path == "/html.jpg":
+            return self._send(200, image, b"<html><body>Not an image</body></html>" * 20)
+        if path == "/corrupt.jpg":
+            return self._send(200, image, b"\xff\xd8\xff\xe0" + os.urandom(4000))
+        if path == "/huge.png":
+            return self._send(200, [("Content-Type", "image/png")], huge_png())
+        if path == "/noai.jpg":
+            return self._send(200, image + [("X-Robots-Tag", "noai")], jpeg)
+        if path.startswith("/redirect/"):
+            n = int(path.split("/")[2].split(".")[0] or 0)
+            if n <= 0:
+                return self._send(200, image, jpeg)
+            return self._send(302, [("Location", f"http://{FAULT_HOST}/redirect/{n - 1}.jpg")], b"")
+        if path == "/redirect-private.jpg":
+            return self._send(302, [("Location", "http://10.0.0.1/secret.jpg")], b"")
+        if path == "/redirect-metadata.jpg":
+            return self._send(302, [("Location", "http://169.254.169.254/latest/meta-data/")], b"")
+        if path == "/slow.jpg":
+            web.stop.wait(1.0)
+            return self._send(200, image, jpeg)
+        if path.startswith("/ok/"):  # a real image under any name: for planting copies
+            return self._send(200, image, jpeg)
+        return self._send(404, [("Content-Type", "text/plain")], b"no such fault\n")
+
+
+class MiniWeb:
+    """Use as a context manager: `with MiniWeb([warc]) as web: web.address`."""
+
+    def __init__(self, warcs: list[str], hang_seconds: float = 60.0):
+        self.captures = load_captures([str(w) for w in warcs])
+        self.sample_image = next((body for (_, _, body) in self.captures.values()
+                                  if body[:3] == b"\xff\xd8\xff" and len(body) > 2000), b"")
+        self.hang_seconds = hang_seconds
+        self.requests = 0
+        self.stop = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server.daemon_threads = True
+        self.server.web = self
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.server_address[:2]
+
+    def __enter__(self) -> "MiniWeb":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
