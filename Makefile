@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup demo test test-fast queries candidates filter match status sql bench clean
+.PHONY: setup demo test test-fast queries candidates filter match download status sql bench clean
 
 ## setup: build .venv (idempotent) and install WordNet 3.0 if it is missing
 setup: $(VENV)/.installed /usr/share/wordnet/data.noun
@@ -56,6 +56,9 @@ filter: setup
 match: setup
 	$(BIN)/wit run $(RECIPE) --stage match
 
+download: setup
+	$(BIN)/wit run $(RECIPE) --stage download
+
 status: setup
 	$(BIN)/wit status $(RUN_DIR)
 
@@ -68,6 +71,7 @@ bench: setup
 	$(BIN)/python bench/dump_counting.py
 	$(BIN)/python bench/unigram_table.py
 	$(BIN)/python bench/match.py
+	$(BIN)/python bench/download.py
 
 clean:
 	rm -rf runs

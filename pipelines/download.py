@@ -190,6 +190,8 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict) -> dic
 
         web = MiniWeb(s["replay"])
     images: dict[str, bytes] = {}
+    resumed = 0
+    reencoded = s["resize_mode"] != "no"
     with web as mini:
         policy = Policy(allow_loopback=s["allow_loopback"], deadline_s=s["deadline_s"],
                         max_bytes=s["max_bytes"], per_host_connections=s["per_host_connections"],
@@ -200,11 +202,14 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict) -> dic
                     break
                 if attempt > 1:
                     time.sleep(s["retry_delay_s"])
-                result = run_img2dataset(pending, Path(work) / f"pass-{attempt}", s)
+                folder = Path(work) / f"pass-{attempt}"
+                resumed += len(list((folder / "out").glob("*_stats.json")))  # shards a killed run finished
+                result = run_img2dataset(pending, folder, s)
                 for r in result.to_pylist():
                     status, reason, http_status = classify(r["status"], r["error_message"])
                     image = r.get(s["encode_format"])
-                    if status == "success" and not (image and decodes(image)):
+                    # Re-encoded images were decoded by img2dataset already; check the others.
+                    if status == "success" and not (image and (reencoded or decodes(image))):
                         status, reason = "failed", "undecodable"
                     rec = {"status": status, "reason": reason, "http_status": http_status,
                            "error_message": r["error_message"], "attempts": attempt}
@@ -224,10 +229,12 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict) -> dic
     write_parquet(pa.table({"uid": kept, "sha256": [records[u]["sha256"] for u in kept],
                             "image": [images[u] for u in kept]}, schema=IMAGES_SCHEMA), outputs["images"])
     shutil.rmtree(work, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        Path(work).parent.rmdir()  # the _work folder, once no partition is under way
     by_status: dict[str, int] = {}
     for r in status_rows:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
-    return {"samples": len(status_rows), **by_status}
+    return {"samples": len(status_rows), "resumed_shards": resumed, **by_status}
 
 
 class DownloadStage(Stage):

@@ -65,9 +65,11 @@ def address_problem(ip: str, allow_loopback: bool) -> str | None:
         return "link_local_address"
     if addr.is_multicast:
         return "multicast_address"
+    if addr.is_reserved:
+        return "reserved_address"
     if addr.is_private:
         return "private_address"
-    if addr.is_reserved or not addr.is_global:
+    if not addr.is_global:
         return "reserved_address"
     return None
 

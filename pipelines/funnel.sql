@@ -9,4 +9,6 @@ UNION ALL
 SELECT 'filter kept', NULL, count(*) FROM filtered WHERE ok
 UNION ALL
 SELECT 'matched', NULL, count(*) FROM matched
+UNION ALL
+SELECT 'download ' || status, reason, count(*) FROM downloads GROUP BY status, reason
 ORDER BY step, pairs DESC

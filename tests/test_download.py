@@ -1,0 +1,134 @@
+"""The download stage end to end: img2dataset over real HTTP through the egress proxy, against the
+miniature web (real captures plus fault routes). Every fault becomes a row with a clear reason."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import tomli_w
+from PIL import Image
+
+from conftest import REPO, wit
+from pipelines.miniweb import MiniWeb
+
+ARCHIVE = REPO / "data" / "warc" / "aut-example-2008.warc.gz"
+FAULTS = REPO / "pipelines" / "demo" / "faults.csv"
+
+
+def archive_images(n: int) -> list[str]:
+    with MiniWeb([ARCHIVE]) as web:
+        return sorted(f"http://{h}{p}" for (h, p), (status, headers, body) in web.captures.items()
+                      if status == 200 and body[:3] in (b"\xff\xd8\xff", b"GIF", b"\x89PN"))[:n]
+
+
+def make_run(tmp_path, name, rows, download=None, workers=1):
+    listing = tmp_path / f"{name}.csv"
+    listing.write_text("url,caption\n" + "".join(f"{u},{c}\n" for u, c in rows))
+    table = tmp_path / "words.txt"
+    table.write_text("a;1000\n")
+    recipe = tmp_path / f"{name}.toml"
+    recipe.write_text(tomli_w.dumps({
+        "run": {"name": name, "root": str(tmp_path / "runs"), "workers": workers},
+        "queries": {"unigram_counts": str(table), "wordnet": ""},
+        "candidates": {"inputs": [str(listing)]},
+        "download": {"thread_count": 8, "timeout": 2, "deadline_s": 3, "retry_passes": 1,
+                     "retry_delay_s": 0.5, **(download or {})},
+    }))
+    return recipe, tmp_path / "runs" / name
+
+
+@pytest.mark.slow
+def test_every_fault_becomes_a_row_with_a_reason(tmp_path):
+    faults = [line.split(",", 1) for line in FAULTS.read_text().splitlines()[1:]]
+    rows = [(u, "a " + c) for u, c in faults] + [(u, f"a picture {i}") for i, u in enumerate(archive_images(6))]
+    rows.append(("http://img.optout.example/a.jpg", "a picture opted out"))
+    recipe, run_dir = make_run(tmp_path, "faults", rows, {
+        "replay": [str(ARCHIVE)], "allow_loopback": True, "opt_out_domains": ["optout.example"]})
+    wit("run", recipe)
+    got = {r["url"]: r for r in pq.read_table(run_dir / "download/part-faults.csv.parquet").to_pylist()}
+    expected = {
+        "404.jpg": ("failed", "http_404"), "500.jpg": ("failed", "http_500"),
+        "hang.jpg": ("failed", "timeout"), "trickle.jpg": ("failed", "truncated"),
+        "truncated.jpg": ("failed", "truncated"), "html.jpg": ("failed", "decode_error"),
+        "corrupt.jpg": ("failed", "decode_error"), "huge.png": ("failed", "too_many_pixels"),
+        "noai.jpg": ("refused", "opt_out_header"), "3.jpg": ("success", None),
+        "redirect-private.jpg": ("refused", "private_address"),
+        "redirect-metadata.jpg": ("refused", "link_local_address"), "slow.jpg": ("success", None),
+        "429.jpg": ("failed", "http_429"), "cam.jpg": ("refused", "private_address"),
+        "iam.jpg": ("refused", "link_local_address"), "photo.jpg": ("refused", "https_not_replayed"),
+        "a.jpg": ("refused", "opt_out_domain"),
+    }
+    for url, row in got.items():
+        name = url.rsplit("/", 1)[1]
+        if name in expected:
+            assert (row["status"], row["reason"]) == expected[name], url
+    assert got["http://faults.wit.test/429.jpg"]["attempts"] == 2  # retried in a later pass
+    assert got["http://faults.wit.test/404.jpg"]["attempts"] == 1  # not retryable
+    assert sum(r["status"] == "success" for r in got.values()) == 2 + 6
+    # No undecodable image reaches the output; hashes and sizes are the stored bytes'.
+    images = pq.read_table(run_dir / "download/images/part-faults.csv.parquet").to_pylist()
+    by_uid = {r["uid"]: r for r in got.values()}
+    assert len(images) == 8
+    for img in images:
+        with Image.open(io.BytesIO(img["image"])) as im:
+            im.load()
+            assert (im.width, im.height) == (by_uid[img["uid"]]["width"], by_uid[img["uid"]]["height"])
+        assert by_uid[img["uid"]]["bytes"] == len(img["image"]) and img["sha256"] == by_uid[img["uid"]]["sha256"]
+    # sha256 is of the bytes as served (img2dataset's), so two URLs of one file share it.
+    with MiniWeb([ARCHIVE]) as web:
+        served = hashlib.sha256(web.sample_image).hexdigest()
+    assert got["http://faults.wit.test/redirect/3.jpg"]["sha256"] == served
+    assert got["http://faults.wit.test/slow.jpg"]["sha256"] == served
+    # The downloads view answers "why did it fail".
+    out = wit("sql", run_dir, "SELECT reason, count(*) n FROM downloads WHERE status != 'success' "
+              "GROUP BY 1 ORDER BY 1", "--csv").stdout
+    assert "private_address,2" in out and "http_404,1" in out
+
+
+@pytest.mark.slow
+def test_loopback_is_refused_under_the_default_policy(tmp_path):
+    with MiniWeb([ARCHIVE]) as web:
+        url = f"http://127.0.0.1:{web.address[1]}/ok/x.jpg"
+        recipe, run_dir = make_run(tmp_path, "strict", [(url, "a picture")])
+        wit("run", recipe)
+        assert web.requests == 0  # nothing reached the server
+    row = pq.read_table(run_dir / "download/part-strict.csv.parquet").to_pylist()[0]
+    assert (row["status"], row["reason"]) == ("refused", "loopback_address")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_download_then_rerun_gives_identical_outputs(tmp_path):
+    urls = archive_images(40)
+    rows = [(u, f"a picture {i}") for i, u in enumerate(urls)]
+    settings = {"replay": [str(ARCHIVE)], "allow_loopback": True, "samples_per_shard": 5,
+                "thread_count": 2}
+    clean, clean_dir = make_run(tmp_path, "clean", rows, settings)
+    wit("run", clean)
+
+    killed, killed_dir = make_run(tmp_path, "killed", rows, settings)
+    proc = subprocess.Popen([sys.executable, "-m", "wit_builder.cli", "run", str(killed)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    work = killed_dir / "download" / "_work"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.rglob("*_stats.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and img2dataset's workers, like a crash
+    proc.wait()
+    finished_shards = len(list(work.rglob("*_stats.json")))
+    assert 2 <= finished_shards < 8 and not (killed_dir / "download" / "part-killed.csv.parquet").exists()
+
+    wit("run", killed)
+    for sub in ("download/part-killed.csv.parquet", "download/images/part-killed.csv.parquet"):
+        a = pq.read_table(clean_dir / sub.replace("killed", "clean"))
+        b = pq.read_table(killed_dir / sub)
+        assert a.num_rows > 20 and a.equals(b), sub
+    assert not work.exists()  # the work folder is gone once the partition is complete
+    marker = json.loads((killed_dir / "_state/download/killed.csv.json").read_text())
+    assert marker["resumed_shards"] == finished_shards  # what was finished was not fetched again

@@ -1,0 +1,107 @@
+"""The egress proxy over real HTTP: the SSRF policy on every hop, deadlines, byte caps, host limits."""
+
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import REPO
+from pipelines.egress import EgressProxy, Policy, address_problem
+from pipelines.miniweb import FAULT_HOST, MiniWeb
+
+ARCHIVE = REPO / "data" / "warc" / "aut-example-2008.warc.gz"
+
+
+@pytest.fixture(scope="module")
+def web():
+    with MiniWeb([ARCHIVE], hang_seconds=10) as w:
+        yield w
+
+
+def fetch(proxy: EgressProxy, url: str, timeout: float = 10) -> tuple[int, bytes] | str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url, "https": proxy.url, "ftp": proxy.url}))
+    try:
+        with opener.open(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return f"{e.code} {e.reason}"
+    except Exception as e:
+        return repr(e)
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://127.0.0.1:1/x.jpg", "loopback_address"),
+    ("http://localhost/x.jpg", "loopback_address"),
+    ("http://2130706433/x.jpg", "loopback_address"),       # decimal
+    ("http://0x7f000001/x.jpg", "loopback_address"),       # hex
+    ("http://0177.0.0.1/x.jpg", "loopback_address"),       # octal
+    ("http://127.1/x.jpg", "loopback_address"),            # short form
+    ("http://[::1]/x.jpg", "loopback_address"),
+    ("http://[::ffff:127.0.0.1]/x.jpg", "loopback_address"),  # IPv4-mapped IPv6
+    ("http://10.0.0.1/x.jpg", "private_address"),
+    ("http://192.168.0.10/x.jpg", "private_address"),
+    ("http://[::ffff:10.0.0.1]/x.jpg", "private_address"),
+    ("http://169.254.169.254/latest/meta-data/", "link_local_address"),
+    ("http://224.0.0.1/x.jpg", "multicast_address"),
+    ("http://0.0.0.0/x.jpg", "unspecified_address"),
+    ("http://240.0.0.1/x.jpg", "reserved_address"),
+    ("http://no-such-host.invalid/x.jpg", "dns_failure"),
+    ("ftp://example.com/x.jpg", "bad_scheme"),
+])
+def test_default_policy_refuses_with_a_reason(url, reason):
+    with EgressProxy(Policy()) as proxy:
+        assert fetch(proxy, url) == f"403 wit-refused {reason}"
+        assert proxy.stats == {reason: 1}
+
+
+def test_public_addresses_pass_the_check():
+    assert address_problem("93.184.216.34", False) is None
+    assert address_problem("2606:2800:220:1:248:1893:25c8:1946", False) is None
+
+
+def test_replay_serves_original_urls_and_checks_every_redirect_hop(web):
+    with EgressProxy(Policy(allow_loopback=True, route=web.address)) as proxy:
+        status, body = fetch(proxy, "http://www.archive.org/images/logoc.jpg")
+        assert status == 200 and body[:3] == b"\xff\xd8\xff"
+        status, body = fetch(proxy, f"http://{FAULT_HOST}/redirect/3.jpg")  # 3 hops, each proxied
+        assert status == 200 and body == web.sample_image
+        assert fetch(proxy, f"http://{FAULT_HOST}/redirect-private.jpg") == "403 wit-refused private_address"
+        assert fetch(proxy, f"http://{FAULT_HOST}/redirect-metadata.jpg") == "403 wit-refused link_local_address"
+        assert "https_not_replayed" in fetch(proxy, "https://www.archive.org/x.jpg")
+
+
+def test_loopback_is_refused_unless_the_recipe_allows_it(web):
+    url = f"http://127.0.0.1:{web.address[1]}/ok/a.jpg"
+    with EgressProxy(Policy()) as proxy:
+        assert fetch(proxy, url) == "403 wit-refused loopback_address"
+    with EgressProxy(Policy(allow_loopback=True)) as proxy:
+        assert fetch(proxy, url)[0] == 200
+
+
+def test_total_deadline_cuts_hangs_and_trickles(web):
+    with EgressProxy(Policy(allow_loopback=True, route=web.address, deadline_s=1.5)) as proxy:
+        t = time.monotonic()
+        assert fetch(proxy, f"http://{FAULT_HOST}/hang.jpg") == "403 wit-refused deadline"
+        # The trickle sends a byte every 0.5 s: no single read times out, the whole request does.
+        assert "IncompleteRead" in fetch(proxy, f"http://{FAULT_HOST}/trickle.jpg")
+        assert time.monotonic() - t < 8
+
+
+def test_byte_cap(web):
+    with EgressProxy(Policy(allow_loopback=True, route=web.address, max_bytes=100_000)) as proxy:
+        assert fetch(proxy, f"http://{FAULT_HOST}/huge.png") == "403 wit-refused too_large"
+        assert proxy.stats["too_large"] == 1
+
+
+def test_per_host_rate_limit_and_backoff_on_429(web):
+    with EgressProxy(Policy(allow_loopback=True, route=web.address, per_host_rps=5)) as proxy:
+        t = time.monotonic()
+        for _ in range(6):
+            assert fetch(proxy, f"http://{FAULT_HOST}/ok/x.jpg")[0] == 200
+        assert time.monotonic() - t >= 1.0  # six starts at most five a second apart
+    with EgressProxy(Policy(allow_loopback=True, route=web.address)) as proxy:
+        assert fetch(proxy, f"http://{FAULT_HOST}/429.jpg") == "429 Too Many Requests"
+        t = time.monotonic()
+        assert fetch(proxy, f"http://{FAULT_HOST}/ok/x.jpg")[0] == 200  # same host: waits Retry-After
+        assert time.monotonic() - t >= 0.9
