@@ -145,6 +145,34 @@ class DownloadSettings(_Section):
         return self
 
 
+class EvalSet(_Section):
+    name: str
+    kind: Literal["folder", "webdataset", "fashion-mnist"]
+    path: str
+
+
+class DedupSettings(_Section):
+    # Near duplicates: pHash Hamming distance <= radius (of 64 bits). The fast hash differs from a
+    # full-decode imagehash by about half a bit on average, well inside the default.
+    radius: int = Field(default=4, ge=0, le=16)
+    eval_sets: list[EvalSet] = []
+
+
+class BalanceSettings(_Section):
+    # At most about t pairs per query (MetaCLIP: 20,000 for 400M pairs).
+    t: int = Field(default=20_000, ge=1)
+    # Before download, keep each query to about t * oversample candidates at the text level, so a
+    # web-scale run does not fetch images it will throw away. 0 turns the cap off. The default allows
+    # for the ~50% of candidates that fail to download or are duplicates (bench/README.md).
+    oversample: float = Field(default=2.5, ge=0)
+
+
+class ShardSettings(_Section):
+    # A shard closes at whichever comes first.
+    samples_per_shard: int = Field(default=10_000, ge=1)
+    max_shard_mb: float = Field(default=1024.0, gt=0)
+
+
 class Recipe(_Section):
     run: RunSettings
     queries: QuerySettings = QuerySettings()
@@ -152,6 +180,9 @@ class Recipe(_Section):
     filter: FilterSettings = FilterSettings()
     match: MatchSettings = MatchSettings()
     download: DownloadSettings = DownloadSettings()
+    dedup: DedupSettings = DedupSettings()
+    balance: BalanceSettings = BalanceSettings()
+    shards: ShardSettings = ShardSettings()
 
     # Where the recipe was read from; paths in it are relative to this folder.
     base_dir: str = Field(default=".", exclude=True)

@@ -18,12 +18,15 @@ VIEWS = {
     "match_counts": "matched/counts/part-*.parquet",
     "downloads": "download/part-*.parquet",
     "images": "download/images/part-*.parquet",
+    "dedup": "dedup/dedup.parquet",
+    "balanced": "balanced/part-*.parquet",
+    "shards": "shards/shards.parquet",
 }
 
 
 # The view that holds each stage's main output, for `wit status`.
 STAGE_VIEWS = {"queries": "queries", "candidates": "candidates", "filter": "filtered", "match": "matched",
-               "download": "downloads"}
+               "download": "downloads", "dedup": "dedup", "balance": "balanced", "shards": "shards"}
 
 
 def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
