@@ -11,8 +11,8 @@ export RAY_AUTH_MODE := disabled
 
 .PHONY: setup demo test test-fast queries candidates filter match download status sql bench clean
 
-## setup: build .venv (idempotent) and install WordNet 3.0 if it is missing
-setup: $(VENV)/.installed /usr/share/wordnet/data.noun
+## setup: build .venv (idempotent), and WordNet 3.0 and Fashion-MNIST if they are missing
+setup: $(VENV)/.installed /usr/share/wordnet/data.noun /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml
 /usr/share/wordnet/data.noun:
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -q --no-install-recommends wordnet-base
+
+# Fashion-MNIST: an evaluation set for decontamination and the trainer's zero-shot sanity check.
+/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz:
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -q --no-install-recommends dataset-fashion-mnist
 
 ## demo: run the demo recipe end to end and say where the result is
 demo: setup

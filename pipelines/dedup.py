@@ -77,7 +77,8 @@ def eval_hashes(kind: str, path: str) -> tuple[np.ndarray, list[str]]:
         pixels = fashion_mnist_pixels(p)
         small = np.stack([np.asarray(Image.fromarray(x).resize((SIDE, SIDE), Image.Resampling.LANCZOS))
                           for x in pixels])
-        return phash_pixels(small), [f"fashion-mnist:{i}" for i in range(len(pixels))]
+        return phash_pixels(small), [f"train:{i}" if i < 60_000 else f"test:{i - 60_000}"
+                                     for i in range(len(pixels))]
     blobs, ids = [], []
     if kind == "folder":
         for f in sorted(p.rglob("*")):

@@ -36,7 +36,11 @@ FAULT_ROUTES = {
     "/redirect-metadata.jpg": "a redirect to the link-local metadata address",
     "/slow.jpg": "a real image after a one-second delay",
     "/429.jpg": "HTTP 429 with Retry-After",
+    "/ok/<name>.jpg": "the same real image under any name (exact duplicates)",
+    "/variant/<quality>.jpg": "that image re-encoded at another JPEG quality (near duplicates)",
+    "/fashion/<i>.jpg": "Fashion-MNIST test image i, enlarged (evaluation-set overlap)",
 }
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def _strip(headers) -> list[tuple[str, str]]:
@@ -78,6 +82,31 @@ def huge_png(side: int = 20000) -> bytes:
     idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def reencoded(jpeg: bytes, quality: int) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("RGB").save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+@lru_cache(maxsize=64)
+def fashion_image(index: int) -> bytes | None:
+    """A Fashion-MNIST test image, enlarged four times, as JPEG (None without the dataset)."""
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+
+    path = Path(FASHION_MNIST) / "t10k-images-idx3-ubyte.gz"
+    if not path.exists():
+        return None
+    pixels = np.frombuffer(gzip.decompress(path.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)
+    out = io.BytesIO()
+    Image.fromarray(pixels[index]).resize((112, 112), Image.Resampling.BICUBIC).save(out, "JPEG", quality=90)
+    return out.getvalue()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -168,6 +197,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, image, jpeg)
         if path.startswith("/ok/"):  # a real image under any name: for planting copies
             return self._send(200, image, jpeg)
+        if path.startswith("/variant/"):
+            return self._send(200, image, reencoded(jpeg, int(path.split("/")[2].split(".")[0])))
+        if path.startswith("/fashion/"):
+            data = fashion_image(int(path.split("/")[2].split(".")[0]))
+            return self._send(200, image, data) if data else self._send(404, [], b"no Fashion-MNIST")
         return self._send(404, [("Content-Type", "text/plain")], b"no such fault\n")
 
 

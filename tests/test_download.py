@@ -28,11 +28,11 @@ def archive_images(n: int) -> list[str]:
                       if status == 200 and body[:3] in (b"\xff\xd8\xff", b"GIF", b"\x89PN"))[:n]
 
 
-def make_run(tmp_path, name, rows, download=None, workers=1):
+def make_run(tmp_path, name, rows, download=None, workers=1, words=("a",)):
     listing = tmp_path / f"{name}.csv"
     listing.write_text("url,caption\n" + "".join(f"{u},{c}\n" for u, c in rows))
     table = tmp_path / "words.txt"
-    table.write_text("a;1000\n")
+    table.write_text("".join(f"{w};1000\n" for w in words))
     recipe = tmp_path / f"{name}.toml"
     recipe.write_text(tomli_w.dumps({
         "run": {"name": name, "root": str(tmp_path / "runs"), "workers": workers},

@@ -155,9 +155,23 @@ def make_executor(run: Run):
 # ---------------------------------------------------------------------------------------------------
 
 
+def remove_stale_temporaries(tasks: list[Task]) -> int:
+    """Temporary files that a killed run left beside the outputs (`.name.tmp-PID`). They were never
+    renamed into place, so nothing reads them; one run at a time owns a run folder."""
+    removed = 0
+    for folder in {Path(p).parent for t in tasks for p in t.outputs}:
+        for tmp in folder.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
     """Run a stage to completion. Returns counts; raises WitError naming every failed partition."""
     tasks = stage.tasks(run)
+    reduce = stage.reduce_task(run, tasks)
+    if removed := remove_stale_temporaries(tasks + ([reduce] if reduce else [])):
+        log.info("%s: removed %d temporary files left by an interrupted run", stage.name, removed)
     pending = [t for t in tasks if force or not is_complete(t)]
     skipped = len(tasks) - len(pending)
     log.info("%s: %d partitions, %d already complete, %d to run", stage.name, len(tasks), skipped,
@@ -180,7 +194,6 @@ def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
             f"others are complete and kept. Fix the input and rerun to do only the failed ones:\n{lines}",
             where=f"stage {stage.name}",
         )
-    reduce = stage.reduce_task(run, tasks)
     if reduce is not None and (force or not is_complete(reduce)):
         log.info("%s: reduce", stage.name)
         execute(reduce)
