@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wit_builder.runner import Stage, Task
@@ -172,15 +174,32 @@ def decodes(data: bytes) -> bool:
         return False
 
 
-def download_part(matched: str, settings: dict, work: str, outputs: dict) -> dict:
+def pre_cap(rows: pa.Table, counts: str, cap: float, seed: int) -> np.ndarray:
+    """The pre-download cap: balancing's rule at t * oversample, on the text-level match counts."""
+    from .balance import keep_mask, uid_to_u64
+
+    table = pq.read_table(counts)
+    by_query = np.zeros(int(pc.max(table.column("query_id")).as_py() or 0) + 1, np.int64)
+    by_query[table.column("query_id").to_numpy()] = table.column("count").to_numpy()
+    qids = rows.column("query_ids").combine_chunks()
+    return keep_mask(uid_to_u64(rows.column("uid").to_pylist()), qids.offsets.to_numpy(),
+                     qids.flatten().to_numpy(), by_query, cap, seed)
+
+
+def download_part(matched: str, settings: dict, work: str, outputs: dict, counts: str = "",
+                  cap: float = 0, seed: int = 0) -> dict:
     s = settings
-    rows = pq.read_table(matched, columns=["uid", "url", "text"])
+    rows = pq.read_table(matched, columns=["uid", "url", "text", "query_ids"])
     uids, urls = rows.column("uid").to_pylist(), rows.column("url").to_pylist()
     records: dict[str, dict] = {}
+    if cap and rows.num_rows:
+        for uid, keep in zip(uids, pre_cap(rows, counts, cap, seed)):
+            if not keep:
+                records[uid] = {"status": "skipped", "reason": "pre_balance_cap", "attempts": 0}
     opt_urls = set(s["opt_out_urls"])
     domains = [d.lower().lstrip(".") for d in s["opt_out_domains"]]
     for uid, url in zip(uids, urls):
-        if reason := pre_refusal(url, domains, opt_urls):
+        if uid not in records and (reason := pre_refusal(url, domains, opt_urls)):
             records[uid] = {"status": "refused", "reason": reason, "attempts": 0}
     pending = rows.filter(pa.array([u not in records for u in uids], pa.bool_()))
 
@@ -244,17 +263,24 @@ class DownloadStage(Stage):
         settings = run.recipe.download.model_dump(mode="json")
         settings["replay"] = run.recipe.paths(run.recipe.download.replay, "download.replay")
         out = run.stage_dir(self.name)
+        match = MatchStage()
+        upstream = match.tasks(run)
+        counts = match.reduce_task(run, upstream)
+        b = run.recipe.balance
+        cap = b.t * b.oversample
         tasks = []
-        for t in MatchStage().tasks(run):
+        for t in upstream:
             outputs = {"status": str(out / f"part-{t.key}.parquet"),
                        "images": str(out / "images" / f"part-{t.key}.parquet")}
             tasks.append(Task(
                 stage=self.name, key=t.key, func=download_part,
                 kwargs={"matched": t.kwargs["outputs"]["matched"], "settings": settings,
-                        "work": str(out / "_work" / t.key), "outputs": outputs},
+                        "work": str(out / "_work" / t.key), "outputs": outputs,
+                        "counts": counts.outputs[0], "cap": cap, "seed": run.recipe.run.seed},
                 outputs=list(outputs.values()), marker=str(run.marker_path(self.name, t.key)),
                 inputs={"version": VERSION, "upstream": t.fingerprint, "settings": settings,
-                        "replay": [file_identity(p) for p in settings["replay"]]},
+                        "replay": [file_identity(p) for p in settings["replay"]],
+                        "counts": counts.fingerprint, "cap": cap, "seed": run.recipe.run.seed},
                 weight=t.weight,
             ))
         return tasks

@@ -82,3 +82,23 @@ class MatchStage(Stage):
                 weight=t.weight,
             ))
         return tasks
+
+    def reduce_task(self, run: Run, tasks: list[Task]) -> Task | None:
+        if not tasks:
+            return None
+        out = run.stage_dir("matched") / "query_counts.parquet"
+        return Task(stage=self.name, key="_reduce", func=sum_counts,
+                    kwargs={"parts": [t.kwargs["outputs"]["counts"] for t in tasks], "output": str(out)},
+                    outputs=[str(out)], marker=str(run.marker_path(self.name, "_reduce")),
+                    inputs={"version": VERSION, "parts": [t.fingerprint for t in tasks]})
+
+
+def sum_counts(parts: list[str], output: str) -> dict:
+    """Pairs per query over all partitions: what the pre-download cap needs."""
+    import duckdb
+
+    table = duckdb.connect().execute(
+        "SELECT query_id, sum(count)::BIGINT AS count FROM read_parquet($p) GROUP BY 1 ORDER BY 1",
+        {"p": parts}).to_arrow_table()
+    write_parquet(table.cast(COUNTS_SCHEMA), output)
+    return {"queries": table.num_rows}

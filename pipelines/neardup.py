@@ -1,10 +1,11 @@
 """Near-duplicate search over 64-bit hashes, sub-quadratic, with recall 1.0 within the radius.
 
-Pigeonhole: cut the 64 bits into m = k + 2 blocks. Two hashes within Hamming distance k differ in at
-most k blocks, so at least two blocks agree exactly. For each of the C(m, 2) pairs of blocks, hashes are
-sorted by those two blocks and only hashes with the same key are compared. Each pair that agrees on two
-blocks is found in at least one table, so none is missed; random hashes rarely share a ~21-bit key, so
-the comparisons stay near linear.
+Pigeonhole: cut the 64 bits into m = k + r blocks. Two hashes within Hamming distance k differ in at
+most k blocks, so at least r blocks agree exactly. For each of the C(m, r) choices of r blocks, hashes
+are sorted by those blocks and only hashes with the same key are compared. Each pair that agrees on r
+blocks is found in at least one table, so none is missed. r = 2 suits up to about a million hashes;
+beyond, r = 3 makes the keys long enough (~27 bits) that random hashes rarely share one, which costs
+more tables but far fewer comparisons.
 """
 
 from __future__ import annotations
@@ -47,17 +48,29 @@ def _pairs_within_runs(order: np.ndarray, keys_sorted: np.ndarray) -> tuple[np.n
     return order[base + a], order[base + b]
 
 
-def near_duplicate_pairs(hashes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_duplicate_pairs(hashes: np.ndarray, k: int, r: int | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, distance) for every pair i < j with Hamming distance <= k."""
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    n = len(hashes)
+    if r is None:
+        r = 2 if n <= 1_500_000 else 3
+    r = min(r, k + 1) if k else 1
+    index_bits = max(int(n - 1).bit_length(), 1)
     found_i, found_j = [], []
-    m = k + 2
-    blocks = _blocks(m)
-    for (s1, w1), (s2, w2) in combinations(blocks, 2):
-        key = (((hashes >> np.uint64(s1)) & np.uint64((1 << w1) - 1)) << np.uint64(w2)) | (
-            (hashes >> np.uint64(s2)) & np.uint64((1 << w2) - 1))
-        order = np.argsort(key, kind="stable")
-        i, j = _pairs_within_runs(order, key[order])
+    for chosen in combinations(_blocks(k + r), r):
+        key = np.zeros(n, np.uint64)
+        for shift, width in chosen:
+            key = (key << np.uint64(width)) | ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1))
+        key_bits = sum(w for _, w in chosen)
+        if key_bits + index_bits <= 64:  # sort key and index packed in one word: faster than argsort
+            packed = np.sort((key << np.uint64(index_bits)) | np.arange(n, dtype=np.uint64))
+            order = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
+            keys_sorted = packed >> np.uint64(index_bits)
+        else:
+            order = np.argsort(key, kind="stable")
+            keys_sorted = key[order]
+        i, j = _pairs_within_runs(order, keys_sorted)
         if len(i):
             close = np.bitwise_count(hashes[i] ^ hashes[j]) <= k
             found_i.append(i[close])

@@ -39,24 +39,45 @@ def safe_key(key: str) -> str:
     return key or "sample"
 
 
-def tar_member(name: str, data: bytes, mtime: int = 0) -> bytes:
-    """One tar member: a ustar header (from tarfile), the data, and the padding to 512 bytes."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = mtime
+def _template() -> bytes:
+    """A ustar header from tarfile itself (mode 0444, mtime 0, root), to fill in per member."""
+    info = tarfile.TarInfo("x")
     info.mode = 0o444
-    header = info.tobuf(format=tarfile.USTAR_FORMAT)
-    return header + data + b"\0" * (-len(data) % 512)
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+_TEMPLATE = _template()
+_MODE_TO_SIZE, _MTIME, _AFTER_CHECKSUM = _TEMPLATE[100:124], _TEMPLATE[136:148], _TEMPLATE[156:]
+# The checksum is the byte sum of the header with its checksum field as spaces: the fixed part once.
+_FIXED_SUM = sum(_MODE_TO_SIZE) + sum(_MTIME) + sum(_AFTER_CHECKSUM) + 8 * ord(" ")
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """tarfile's ustar header for a regular file of this name and size, built by filling in a
+    template: the same bytes as TarInfo.tobuf, much faster (names are short ASCII here)."""
+    raw = name.encode("ascii")
+    if len(raw) > 100:
+        raise ValueError(f"member name too long for ustar: {name!r}")
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0 " % (_FIXED_SUM + sum(raw) + sum(size_field))
+    return b"".join((raw.ljust(100, b"\0"), _MODE_TO_SIZE, size_field, _MTIME, checksum, _AFTER_CHECKSUM))
+
+
+def write_samples(f, samples: list[tuple[str, bytes, str, bytes]], ext: str) -> None:
+    """The tar stream of (key, image, caption, json) samples."""
+    for key, image, text, meta in samples:
+        caption = text.encode()
+        f.writelines((
+            tar_header(f"{key}.{ext}", len(image)), image, b"\0" * (-len(image) % 512),
+            tar_header(f"{key}.txt", len(caption)), caption, b"\0" * (-len(caption) % 512),
+            tar_header(f"{key}.json", len(meta)), meta, b"\0" * (-len(meta) % 512)))
+    f.write(b"\0" * 1024)  # the end-of-archive marker
 
 
 def write_shard(path: str, samples: list[tuple[str, bytes, str, bytes]], ext: str) -> int:
-    """Write (key, image, caption, json) samples; returns the tar's size."""
+    """Write a shard under a temporary name, fsync it and rename it into place; returns its size."""
     with atomic_path(path) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
-        for key, image, text, meta in samples:
-            f.write(tar_member(f"{key}.{ext}", image))
-            f.write(tar_member(f"{key}.txt", text.encode()))
-            f.write(tar_member(f"{key}.json", meta))
-        f.write(b"\0" * 1024)  # the end-of-archive marker
+        write_samples(f, samples, ext)
     return Path(path).stat().st_size
 
 

@@ -44,15 +44,16 @@ def test_phash_equals_imagehash_on_the_same_decode():
         assert int(str(imagehash.phash(Image.open(io.BytesIO(data)))), 16) == int(h)
 
 
+@pytest.mark.parametrize("r", [2, 3])
 @pytest.mark.parametrize("k", [0, 2, 4, 6])
-def test_near_duplicate_search_equals_brute_force(k):
+def test_near_duplicate_search_equals_brute_force(k, r):
     rng = np.random.default_rng(k)
     hashes = rng.integers(0, 2**64 - 1, 3000, dtype=np.uint64)
     src, dst = rng.choice(3000, (2, 300), replace=False)
     for a, b in zip(src, dst):  # plant pairs at every distance up to k + 1
         flips = rng.choice(64, rng.integers(0, k + 2), replace=False)
         hashes[b] = hashes[a] ^ np.uint64(sum(1 << int(f) for f in flips))
-    i, j, d = near_duplicate_pairs(hashes, k)
+    i, j, d = near_duplicate_pairs(hashes, k, r=r)
     assert set(zip(i.tolist(), j.tolist())) == brute_force_pairs(hashes, k)
     assert (d <= k).all() and len(i) >= 1
 
@@ -96,6 +97,15 @@ def test_balance_statistics():
         else:
             p = t / n
             assert abs(kept - t) <= 4 * math.sqrt(n * p * (1 - p)), (q, kept)
+
+
+@pytest.mark.parametrize("name, size", [("a.jpg", 0), ("0123456789abcdef.json", 511), ("k.txt", 10**9)])
+def test_tar_headers_are_tarfiles_own(name, size):
+    from pipelines.shard import tar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = size, 0o444
+    assert tar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT)
 
 
 @pytest.mark.parametrize("key, safe", [("../../etc/passwd", "etc_passwd"), (".hidden", "hidden"),
