@@ -9,7 +9,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup demo test test-fast queries candidates filter match download status sql bench clean
+.PHONY: setup demo test test-fast queries candidates filter match download dedup balance shards corpus \
+	status sql bench clean
 
 ## setup: build .venv (idempotent), and WordNet 3.0 and Fashion-MNIST if they are missing
 setup: $(VENV)/.installed /usr/share/wordnet/data.noun /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
@@ -36,8 +37,9 @@ demo: setup
 	@echo
 	@$(BIN)/wit sql $(RUN_DIR) "SELECT s AS source, count(*) AS entries FROM (SELECT unnest(sources) AS s FROM queries) GROUP BY s ORDER BY entries DESC"
 	@$(BIN)/wit sql $(RUN_DIR) "$$(cat pipelines/funnel.sql)"
-	@echo "Query list: $(RUN_DIR)/queries/queries.parquet; matched pairs: $(RUN_DIR)/matched/"
-	@echo "Ask it anything:  $(BIN)/wit sql $(RUN_DIR) \"SELECT text, query_ids FROM matched LIMIT 10\""
+	@echo "Query list: $(RUN_DIR)/queries/queries.parquet"
+	@echo "Shards:     $(RUN_DIR)/shards/ (WebDataset tars, sizes.json, shards.parquet)"
+	@echo "Ask it anything:  $(BIN)/wit sql $(RUN_DIR) \"SELECT reason, count(*) FROM dedup GROUP BY 1\""
 
 ## test: the whole test suite (slow tests included)
 test: setup
@@ -64,6 +66,19 @@ match: setup
 download: setup
 	$(BIN)/wit run $(RECIPE) --stage download
 
+dedup: setup
+	$(BIN)/wit run $(RECIPE) --stage dedup
+
+balance: setup
+	$(BIN)/wit run $(RECIPE) --stage balance
+
+shards: setup
+	$(BIN)/wit run $(RECIPE) --stage shards
+
+## corpus: every stage, queries to shards
+corpus: setup
+	$(BIN)/wit run $(RECIPE)
+
 status: setup
 	$(BIN)/wit status $(RUN_DIR)
 
@@ -77,6 +92,7 @@ bench: setup
 	$(BIN)/python bench/unigram_table.py
 	$(BIN)/python bench/match.py
 	$(BIN)/python bench/download.py
+	$(BIN)/python bench/corpus.py
 
 clean:
 	rm -rf runs

@@ -11,4 +11,11 @@ UNION ALL
 SELECT 'matched', NULL, count(*) FROM matched
 UNION ALL
 SELECT 'download ' || status, reason, count(*) FROM downloads GROUP BY status, reason
+UNION ALL
+SELECT 'dedup ' || CASE WHEN keep THEN 'kept' ELSE 'removed' END, reason, count(*) FROM dedup
+GROUP BY keep, reason
+UNION ALL
+SELECT 'balance ' || CASE WHEN keep THEN 'kept' ELSE 'dropped' END, NULL, count(*) FROM balanced GROUP BY keep
+UNION ALL
+SELECT 'sharded', NULL, count(*) FROM shards
 ORDER BY step, pairs DESC
