@@ -10,7 +10,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE := disabled
 
 .PHONY: setup demo test test-fast queries candidates filter match download dedup balance shards corpus \
-	status sql bench clean
+	stats report status sql bench clean
 
 ## setup: build .venv (idempotent), and WordNet 3.0 and Fashion-MNIST if they are missing
 setup: $(VENV)/.installed /usr/share/wordnet/data.noun /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
@@ -36,8 +36,10 @@ demo: setup
 	@$(BIN)/wit status $(RUN_DIR)
 	@echo
 	@$(BIN)/wit sql $(RUN_DIR) "SELECT s AS source, count(*) AS entries FROM (SELECT unnest(sources) AS s FROM queries) GROUP BY s ORDER BY entries DESC"
-	@$(BIN)/wit sql $(RUN_DIR) "$$(cat pipelines/funnel.sql)"
+	@$(BIN)/wit sql $(RUN_DIR) "$$(cat wit_builder/reports/01_funnel.sql)"
+	@$(BIN)/wit report $(RUN_DIR)
 	@echo "Query list: $(RUN_DIR)/queries/queries.parquet"
+	@echo "Report:     $(RUN_DIR)/report.html  (make stats prints every report)"
 	@echo "Shards:     $(RUN_DIR)/shards/ (WebDataset tars, sizes.json, shards.parquet)"
 	@echo "Ask it anything:  $(BIN)/wit sql $(RUN_DIR) \"SELECT reason, count(*) FROM dedup GROUP BY 1\""
 
@@ -79,6 +81,14 @@ shards: setup
 corpus: setup
 	$(BIN)/wit run $(RECIPE)
 
+## stats: every built-in report (wit_builder/reports/*.sql) over the run
+stats: setup
+	$(BIN)/wit stats $(RUN_DIR)
+
+## report: RUN_DIR/report.html, one self-contained page with plots
+report: setup
+	$(BIN)/wit report $(RUN_DIR)
+
 status: setup
 	$(BIN)/wit status $(RUN_DIR)
 
@@ -93,6 +103,7 @@ bench: setup
 	$(BIN)/python bench/match.py
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/corpus.py
+	$(BIN)/python bench/stats.py
 
 clean:
 	rm -rf runs

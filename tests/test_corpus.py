@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -114,11 +115,11 @@ def test_member_names_are_sanitised(key, safe):
     assert safe_key(key) == safe
 
 
-@pytest.mark.slow
-def test_corpus_end_to_end(tmp_path):
-    import webdataset as wds
-    import wids
-
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory):
+    """One run through every stage on the miniature web, with planted duplicates and an evaluation
+    image; the tests below read it."""
+    tmp_path = tmp_path_factory.mktemp("corpus")
     planted = [
         ("http://faults.wit.test/ok/a.jpg", "a bicycle one"), ("http://faults.wit.test/ok/b.jpg", "a bicycle two"),
         ("http://faults.wit.test/ok/a.jpg", "a bicycle with another text"),  # same URL, new text
@@ -128,31 +129,47 @@ def test_corpus_end_to_end(tmp_path):
     rows = planted + [(u, f"a picture {i}") for i, u in enumerate(archive_images(20))]
     recipe, run_dir = make_run(tmp_path, "corpus", rows, {"replay": [str(ARCHIVE)], "allow_loopback": True},
                                words=("a", "bicycle", "with", "another", "text"))
-    text = recipe.read_text() + (
+    recipe.write_text(recipe.read_text() + (
         '\n[dedup]\nradius = 4\neval_sets = [{ name = "fmnist", kind = "fashion-mnist", '
-        'path = "/usr/share/datasets/fashion-mnist" }]\n[balance]\nt = 5\n[shards]\nsamples_per_shard = 4\n')
-    recipe.write_text(text)
+        'path = "/usr/share/datasets/fashion-mnist" }]\n[balance]\nt = 5\noversample = 0\n[shards]\nsamples_per_shard = 4\n'))
     wit("run", recipe)
+    return recipe, run_dir
 
+
+@pytest.mark.slow
+def test_dedup_rules(corpus_run):
+    _, run_dir = corpus_run
     dedup = {r["uid"]: r for r in pq.read_table(run_dir / "dedup/dedup.parquet").to_pylist()}
     matched = {r["uid"]: r for r in pq.read_table(run_dir / "matched/part-corpus.csv.parquet").to_pylist()}
     by_text = {matched[u]["text"]: d for u, d in dedup.items()}
     # One group of four (same bytes, same URL, re-encoded); the one kept matches the most queries.
     kept = [t for t, d in by_text.items() if "bicycle" in t and d["keep"]]
     assert kept == ["a bicycle with another text"]
-    kept = [by_text[kept[0]]]
+    keeper = by_text[kept[0]]
     group = {t: d["reason"] for t, d in by_text.items() if "bicycle" in t and not d["keep"]}
     assert group == {"a bicycle one": "exact_image", "a bicycle two": "exact_image",
                      "a bicycle re-encoded": "near_duplicate"}
-    assert all(d["dup_of"] == kept[0]["uid"] for t, d in by_text.items() if "bicycle" in t and not d["keep"])
+    assert all(d["dup_of"] == keeper["uid"] for t, d in by_text.items() if "bicycle" in t and not d["keep"])
     boot = by_text["a boot from the evaluation set"]
     assert boot["reason"] == "eval_overlap" and boot["dup_of"].startswith("fmnist:")
 
-    # Balancing bites: with t = 5, the query "a" (in every caption) keeps about 5 of its pairs.
+
+@pytest.mark.slow
+def test_balancing_bites(corpus_run):
+    _, run_dir = corpus_run
+    # With t = 5, the query "a" (in every caption) keeps about 5 of its pairs.
     balanced = pq.read_table(run_dir / "balanced").to_pylist()
     assert 3 <= sum(r["keep"] for r in balanced) < len(balanced)
 
-    # Shards: sizes.json, three readers, every image decodes, metadata is complete.
+
+@pytest.mark.slow
+def test_shards_read_with_three_readers(corpus_run):
+    import webdataset as wds
+    import wids
+
+    _, run_dir = corpus_run
+    balanced = pq.read_table(run_dir / "balanced").to_pylist()
+    matched = {r["uid"]: r for r in pq.read_table(run_dir / "matched/part-corpus.csv.parquet").to_pylist()}
     shards = sorted((run_dir / "shards").glob("*.tar"))
     sizes = json.loads((run_dir / "shards/sizes.json").read_text())
     assert [s.name for s in shards] == sorted(sizes) and sum(sizes.values()) == sum(r["keep"] for r in balanced)
@@ -165,8 +182,7 @@ def test_corpus_end_to_end(tmp_path):
         meta = json.loads(s["json"])
         assert meta["uid"] == s["__key__"] and meta["queries"] and len(meta["phash"]) == 16
         assert s["txt"].decode() == matched[meta["uid"]]["text"]
-    index = run_dir / "shards" / "wids.json"
-    dataset = wids.ShardListDataset(str(index))
+    dataset = wids.ShardListDataset(str(run_dir / "shards" / "wids.json"))
     assert len(dataset) == len(samples) and dataset[0][".json"]["uid"] == samples[0]["__key__"]
     order = [s["__key__"] for s in samples]
     # The global order is the hash of (uid, seed), not uid or partition order.
@@ -177,7 +193,49 @@ def test_corpus_end_to_end(tmp_path):
     shard_rows = pq.read_table(run_dir / "shards/shards.parquet").to_pylist()
     assert {r["uid"] for r in shard_rows} == set(order)
 
-    # Kill the shard stage mid-way; the rerun gives byte-identical tars.
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"), reason="Debian's chromium is not installed")
+def test_report_in_headless_chromium(corpus_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    _, run_dir = corpus_run
+    report = tmp_path / "report.html"
+    wit("report", run_dir, "-o", report)
+    stats = [json.loads(line) for line in wit("stats", run_dir, "--json").stdout.splitlines()]
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(report.as_uri())
+        plots = page.eval_on_selector_all("img.plot", "els => els.map(e => [e.dataset.plot, e.naturalWidth])")
+        thumbs = page.eval_on_selector_all("img.thumb", "els => els.map(e => e.naturalWidth)")
+        tables = page.eval_on_selector_all(
+            "section[data-report]", "els => els.map(s => Array.from(s.querySelectorAll('tbody tr')).map("
+            "r => Array.from(r.cells).map(c => c.textContent)))")
+        page.screenshot(path=str(REPO / "runs" / "report-test.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert {"funnel", "per_query", "sizes", "sources"} <= {name for name, _ in plots}  # reasons: when any
+    assert all(width > 100 for _, width in plots) and thumbs and all(w > 0 for w in thumbs)
+    # The numbers on the page are wit stats' numbers.
+    assert len(tables) == len(stats)
+    for table, report_json in zip(tables, stats):
+        expected = [["" if v is None else str(v) for v in row.values()] for row in report_json["rows"]]
+        assert table == expected, report_json["title"]
+
+
+@pytest.mark.slow
+def test_shard_stage_killed_mid_way_then_rerun_gives_identical_tars(corpus_run):
+    recipe, run_dir = corpus_run
+    shards = sorted((run_dir / "shards").glob("*.tar"))
     reference = {s.name: s.read_bytes() for s in shards}
     shutil.rmtree(run_dir / "shards")
     shutil.rmtree(run_dir / "_state" / "shards")

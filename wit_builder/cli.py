@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -135,6 +136,33 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_stats(args) -> int:
+    from . import stats
+
+    run = _load_run(args.run)
+    extra = [Path(d) for d in args.reports or []]
+    for title, result in stats.run_reports(run.dir, extra):
+        if args.json:
+            rows = [] if isinstance(result, str) else [dict(zip(result.columns, r)) for r in result.fetchall()]
+            print(json.dumps({"title": title, "rows": rows, "note": result if isinstance(result, str) else None},
+                             default=str))
+        elif isinstance(result, str):
+            print(f"\n== {title}\n   ({result})")
+        else:
+            print(f"\n== {title}")
+            result.show(max_width=160, max_rows=40)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    run = _load_run(args.run)
+    path = write_report(run.dir, Path(args.output) if args.output else None)
+    print(f"report: {path}")
+    return 0
+
+
 def _interactive(con) -> int:
     from . import sql
 
@@ -184,6 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     fmt.add_argument("--parquet", metavar="FILE")
     p.add_argument("--max-rows", type=int, default=40)
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("stats", help="the built-in reports (and your own .sql files) over a run")
+    p.add_argument("run", help="a run folder (runs/NAME) or its recipe")
+    p.add_argument("--reports", action="append", help="a folder of extra .sql reports (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per report")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("report", help="write a self-contained report.html with plots")
+    p.add_argument("run", help="a run folder (runs/NAME) or its recipe")
+    p.add_argument("-o", "--output", help="default: RUN/report.html")
+    p.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
     try:

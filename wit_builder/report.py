@@ -1,0 +1,185 @@
+"""`wit report`: one self-contained report.html with plots, for looking at a run before training.
+
+Plots are drawn with matplotlib and embedded as PNG data, thumbnails are read from the shards, and the
+tables come from the same SQL files as `wit stats`, so the page opens offline and its numbers are the
+ones `wit stats` prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from . import sql, stats
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _table(rel) -> str:
+    cols = rel.columns
+    rows = rel.fetchall()
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in r)
+                   + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(title: str, uri: str, name: str) -> str:
+    return f'<figure><img class="plot" data-plot="{name}" alt="{html.escape(title)}" src="{uri}">' \
+           f"<figcaption>{html.escape(title)}</figcaption></figure>"
+
+
+def _plots(con, views: set[str]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    if {"candidates", "filtered", "matched"} <= views:
+        steps = [("candidates", "SELECT count(*) FROM candidates"),
+                 ("filter kept", "SELECT count(*) FROM filtered WHERE ok"),
+                 ("matched", "SELECT count(*) FROM matched")]
+        if "downloads" in views:
+            steps.append(("downloaded", "SELECT count(*) FROM downloads WHERE status = 'success'"))
+        if "dedup" in views:
+            steps.append(("after dedup", "SELECT count(*) FROM dedup WHERE keep"))
+        if "balanced" in views:
+            steps.append(("after balancing", "SELECT count(*) FROM balanced WHERE keep"))
+        if "shards" in views:
+            steps.append(("sharded", "SELECT count(*) FROM shards"))
+        values = [con.execute(q).fetchone()[0] for _, q in steps]
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.barh([s for s, _ in steps][::-1], values[::-1], color="#4c72b0")
+        for i, v in enumerate(values[::-1]):
+            ax.text(v, i, f" {v:,}", va="center")
+        ax.set_xlabel("pairs")
+        ax.set_title("The funnel")
+        out.append(_figure("The funnel", _png(fig), "funnel"))
+
+    if {"matched", "balanced"} <= views:
+        before = [r[0] for r in con.execute("SELECT count(*) c FROM (SELECT unnest(query_ids) q FROM matched) "
+                                            "GROUP BY q ORDER BY c DESC").fetchall()]
+        after = [r[0] for r in con.execute("SELECT count(*) c FROM (SELECT unnest(query_ids) q FROM balanced "
+                                           "WHERE keep) GROUP BY q ORDER BY c DESC").fetchall()]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if before:
+            ax.loglog(range(1, len(before) + 1), before, label="matched (before balancing)")
+        if after:
+            ax.loglog(range(1, len(after) + 1), after, label="kept (after balancing)")
+        ax.set_xlabel("query rank")
+        ax.set_ylabel("pairs per query")
+        ax.set_title("Pairs per query: the head is capped, the tail kept")
+        ax.legend()
+        out.append(_figure("Pairs per query, before and after balancing (log-log)", _png(fig), "per_query"))
+
+    reasons = []
+    if "downloads" in views:
+        reasons += con.execute("SELECT 'download: ' || reason, count(*) FROM downloads "
+                               "WHERE reason IS NOT NULL GROUP BY reason").fetchall()
+    if "filtered" in views:
+        reasons += con.execute("SELECT 'filter: ' || reason, count(*) FROM filtered WHERE NOT ok "
+                               "GROUP BY reason").fetchall()
+    if reasons:
+        reasons.sort(key=lambda r: r[1])
+        fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(reasons))))
+        ax.barh([r[0] for r in reasons], [r[1] for r in reasons], color="#dd8452")
+        ax.set_xlabel("rows")
+        ax.set_title("Failure and drop reasons")
+        out.append(_figure("Failure and drop reasons", _png(fig), "reasons"))
+
+    if "downloads" in views:
+        sizes = con.execute("SELECT width, height FROM downloads WHERE status = 'success'").fetchall()
+        if sizes:
+            fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+            for ax, i, name in ((axes[0], 0, "width"), (axes[1], 1, "height")):
+                ax.hist([s[i] for s in sizes], bins=30, color="#55a868")
+                ax.set_xlabel(f"{name} (px)")
+            axes[0].set_ylabel("images")
+            fig.suptitle("Stored image sizes")
+            out.append(_figure("Width and height of the stored images", _png(fig), "sizes"))
+
+    if "queries" in views:
+        shares = con.execute("SELECT s, count(*) FROM (SELECT unnest(sources) s FROM queries) GROUP BY s "
+                             "ORDER BY 2 DESC").fetchall()
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar([s for s, _ in shares], [n for _, n in shares], color="#8172b3")
+        ax.set_ylabel("entries")
+        ax.set_title("Query entries by source")
+        out.append(_figure("The queries' share of sources", _png(fig), "sources"))
+    return out
+
+
+def _gallery(run_dir: Path, per_query: int = 4, queries: int = 6) -> str:
+    """Thumbnails of a few samples for the queries with the most samples in the shards."""
+    from PIL import Image
+
+    shard_files = sorted((run_dir / "shards").glob("*.tar"))
+    by_query: dict[str, list[tuple[str, bytes, str]]] = {}
+    for path in shard_files:
+        with tarfile.open(path) as tf:
+            members = {m.name: m for m in tf}
+            for name, member in members.items():
+                if not name.endswith(".json"):
+                    continue
+                key = name[:-5]
+                meta = json.loads(tf.extractfile(member).read())
+                image = next((tf.extractfile(members[f"{key}.{e}"]).read() for e in ("jpg", "png", "webp")
+                              if f"{key}.{e}" in members), None)
+                caption = tf.extractfile(members[f"{key}.txt"]).read().decode() if f"{key}.txt" in members else ""
+                if image is None:
+                    continue
+                for q in meta.get("queries", [])[:3]:
+                    by_query.setdefault(q, []).append((key, image, caption))
+    if not by_query:
+        return "<p>No shards yet.</p>"
+    chosen = sorted(by_query, key=lambda q: (-len(by_query[q]), q))[:queries]
+    parts = []
+    for q in chosen:
+        cells = []
+        for key, image, caption in by_query[q][:per_query]:
+            im = Image.open(io.BytesIO(image)).convert("RGB")
+            im.thumbnail((128, 128))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=85)
+            uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+            cells.append(f'<figure class="thumb"><img class="thumb" alt="{html.escape(caption)}" src="{uri}">'
+                         f"<figcaption>{html.escape(caption[:60])}</figcaption></figure>")
+        parts.append(f'<h3>{html.escape(q)}</h3><div class="gallery">{"".join(cells)}</div>')
+    return "".join(parts)
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px;
+font-size:13px;text-align:left}th{background:#f0f0f0}figure{display:inline-block;margin:.5em}
+img.plot{max-width:100%}.gallery{display:flex;flex-wrap:wrap}figure.thumb{width:140px}
+figure.thumb figcaption{font-size:11px}"""
+
+
+def write_report(run_dir: Path, output: Path | None = None) -> Path:
+    con = sql.connect(run_dir)
+    views = set(sql.views(con))
+    sections = [f"<h1>wit-builder run: {html.escape(run_dir.name)}</h1>", "<h2>Plots</h2>",
+                "".join(_plots(con, views)) or "<p>Nothing to plot yet.</p>", "<h2>Gallery</h2>",
+                _gallery(run_dir), "<h2>Reports</h2>"]
+    for i, (title, result) in enumerate(stats.run_reports(run_dir)):
+        body = f"<p>({html.escape(result)})</p>" if isinstance(result, str) else _table(result)
+        sections.append(f'<section data-report="{i}"><h3>{html.escape(title)}</h3>{body}</section>')
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>wit report: {html.escape(run_dir.name)}"
+            f"</title><style>{CSS}</style></head><body>{''.join(sections)}</body></html>")
+    output = output or run_dir / "report.html"
+    from .workspace import atomic_write_bytes
+
+    atomic_write_bytes(output, page.encode())
+    return output
