@@ -106,10 +106,17 @@ def decide(parts: list[str], radius: int, eval_sets: list[dict], out_dir: str) -
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else None
-    if table is None or table.num_rows == 0:
-        raise WitError("nothing was downloaded: no images to deduplicate", where="stage dedup")
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
     table = table.filter(table.column("ok")).sort_by("uid")
+    if table.num_rows == 0:  # nothing downloaded (yet): an empty corpus, not an error
+        out = Path(out_dir)
+        write_parquet(pa.table({"uid": pa.array([], pa.string()), "sha256": pa.array([], pa.string()),
+                                "phash": pa.array([], pa.uint64()), "keep": pa.array([], pa.bool_()),
+                                "dup_of": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
+                                "distance": pa.array([], pa.int32())}), out / "dedup.parquet")
+        write_parquet(pa.table({"query_id": pa.array([], pa.int32()), "count": pa.array([], pa.int64())}),
+                      out / "query_counts.parquet")
+        return {"images": 0, "kept": 0}
     n = table.num_rows
     uids = table.column("uid").to_pylist()
     hashes = table.column("phash").to_numpy()

@@ -97,8 +97,9 @@ def sum_counts(parts: list[str], output: str) -> dict:
     """Pairs per query over all partitions: what the pre-download cap needs."""
     import duckdb
 
-    table = duckdb.connect().execute(
-        "SELECT query_id, sum(count)::BIGINT AS count FROM read_parquet($p) GROUP BY 1 ORDER BY 1",
-        {"p": parts}).to_arrow_table()
+    con = duckdb.connect()
+    con.execute("CREATE TABLE c AS SELECT query_id, sum(count)::BIGINT AS count FROM read_parquet($p) "
+                "GROUP BY 1 ORDER BY 1", {"p": parts})
+    table = con.sql("SELECT * FROM c ORDER BY query_id").to_arrow_table()
     write_parquet(table.cast(COUNTS_SCHEMA), output)
     return {"queries": table.num_rows}

@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO, WORD_COUNTS, needs_wordnet, wit
 from test_matcher import reference_words
 
+STAGES = ("--stage", "queries", "--stage", "candidates", "--stage", "filter", "--stage", "match")
 WARCS = [REPO / "data/warc" / n for n in ("aut-example-2008.warc.gz", "cc-main-2020-34-sample.warc.gz",
                                           "cc-main-2024-22-whirlwind.warc.gz")]
 
@@ -24,7 +25,7 @@ def pair_run(tmp_path_factory):
         "candidates": {"inputs": [str(p) for p in WARCS]},
         "filter": {"min_chars": 5},
     }))
-    wit("run", recipe)
+    wit("run", recipe, *STAGES)
     return recipe, tmp / "runs" / "pairs"
 
 
@@ -59,7 +60,7 @@ def test_counts_views_and_resume(pair_run):
     funnel = wit("sql", run_dir, "SELECT coalesce(reason, 'kept') AS r, count(*) AS n FROM filtered GROUP BY 1 "
                  "ORDER BY 1", "--csv").stdout
     assert "kept," in funnel
-    rerun = wit("run", recipe)
+    rerun = wit("run", recipe, *STAGES)
     for stage in ("candidates", "filter", "match"):
         assert f"{stage}: 3 partitions, 3 already complete, 0 to run" in rerun.stderr
     status = wit("status", run_dir).stdout
