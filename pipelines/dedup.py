@@ -16,7 +16,6 @@ evaluation image as `dup_of`, as the CLIP paper's overlap analysis did.
 from __future__ import annotations
 
 import gzip
-import io
 import tarfile
 from pathlib import Path
 

@@ -12,7 +12,6 @@ import io
 import os
 import struct
 import threading
-import time
 import zlib
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

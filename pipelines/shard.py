@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
