@@ -110,7 +110,7 @@ def ahocorasick_rs_loop(queries, captions):
     import ahocorasick_rs
 
     t = time.perf_counter()
-    keys, _ids = {}, []
+    keys: dict[str, list[int]] = {}
     for qid, q in enumerate(queries):
         keys.setdefault(f" {q} ", []).append(qid)
     patterns = list(keys)
