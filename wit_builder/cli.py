@@ -187,6 +187,14 @@ def _interactive(con) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The trainer has its own options; its imports (torch, open_clip) load only when it runs.
+    if argv and argv[0] == "train":
+        from trainer.train import main as train
+        return train(argv[1:])
+    if argv and argv[0] == "eval":
+        from trainer.zeroshot import main as evaluate
+        return evaluate(argv[1:])
     parser = argparse.ArgumentParser(prog="wit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="a run folder (runs/NAME) or its recipe")
     p.add_argument("-o", "--output", help="default: RUN/report.html")
     p.set_defaults(func=cmd_report)
+
+    sub.add_parser("train", help="contrastive pretraining on shards (wit train --help)", add_help=False)
+    sub.add_parser("eval", help="zero-shot top-1/top-5 of a checkpoint (wit eval --help)", add_help=False)
 
     args = parser.parse_args(argv)
     try:
