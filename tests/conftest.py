@@ -87,3 +87,10 @@ needs_wordnet = pytest.mark.skipif(
     not (WORDNET / "data.noun").exists() and not os.environ.get("CI"),
     reason="WordNet not installed (make setup installs it)",
 )
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "t10k-images-idx3-ubyte.gz").exists() and not os.environ.get("CI"),
+    reason="Fashion-MNIST not installed (make setup installs it)",
+)

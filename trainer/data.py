@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from wit_builder.errors import WitError
 
@@ -206,14 +206,30 @@ class ShardStream(torch.utils.data.IterableDataset):
             if not self.train:
                 return
 
+    def members(self, urls):
+        """Tar members of each shard, then an end-of-shard marker. A broken shard counts once:
+        its good members are kept and reading stops at the break."""
+        for url in urls:
+            stream = None
+            try:
+                stream = open_shard(url)
+                for member in tar_file_iterator(stream, handler=lambda e, url=url: not self.skip(url, e)):
+                    member["__url__"] = url
+                    yield member
+            except Exception as e:  # not a tar at all, unreadable, or cut inside a header
+                self.skip(url, e)
+            finally:
+                if stream is not None:
+                    stream.close()
+            yield {}
+
     def samples(self):
         my_slot, slots = slot()
         rng = random.Random(wds.utils.make_seed(self.seed, my_slot))
         every_shard = len([u for s in self.sources for u in s.urls]) < slots and not (
             self.train and self.resampled)
-        opened = ({"url": url, "stream": self.opened(url)} for url in self.shard_urls(rng, my_slot, slots))
-        stream = group_by_keys(tar_file_expander(
-            (s for s in opened if s["stream"] is not None), handler=self.tar_error), handler=self.tar_error)
+        stream = group_by_keys(self.members(self.shard_urls(rng, my_slot, slots)),
+                               handler=lambda e: self.skip("shard", e))
         if every_shard:
             stream = (s for i, s in enumerate(stream) if i % slots == my_slot)
         if self.train and self.shuffle_buffer > 1:
@@ -226,16 +242,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                 self.skip(f"{sample.get('__url__')} (sample {sample.get('__key__')})", e)
                 continue
             yield image, target
-
-    def opened(self, url: str):
-        try:
-            return open_shard(url)
-        except Exception as e:
-            self.skip(url, e)
-            return None
-
-    def tar_error(self, error: Exception) -> bool:
-        return self.skip("shard", error)
 
     def __iter__(self):
         self.skipped = 0

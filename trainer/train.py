@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -165,7 +166,7 @@ class Checkpoints:
 def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
+    except Exception as e:  # torch.load raises pickle, zip, OS and runtime errors alike
         raise WitError(f"cannot read checkpoint: {e}", where=str(path)) from e
     if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
         raise WitError("not a wit train checkpoint (no step or optimizer state); pass it as --init "
@@ -209,6 +210,8 @@ def parallel(model: torch.nn.Module, env: Distributed, compile: bool = False):
     if env.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    # open_clip gathers with torch.distributed.nn.all_gather, which torch now calls deprecated.
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
                        rank=env.rank, world_size=env.world)
     return model, loss_fn

@@ -1,0 +1,358 @@
+"""The trainer: shard streaming, the CLIP loss across processes, checkpoint resume, zero-shot eval."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import re
+import signal
+import tarfile
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, needs_fashion, wit
+from pipelines.shard import write_shard
+from trainer import data, fashion, models, train, zeroshot
+from wit_builder.errors import WitError
+
+pytestmark = needs_fashion
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    """3,000 Fashion-MNIST training and 3,000 test samples, 500 to a shard."""
+    out = tmp_path_factory.mktemp("fashion-small")
+    fashion.build(out, per_shard=500, limit=3000)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.create("wit-tiny")
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def jpeg(array: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def photo() -> np.ndarray:
+    from skimage import data as skdata
+    return skdata.astronaut()  # 512 x 512 RGB
+
+
+# --- sources and streaming -------------------------------------------------------------------------
+
+def test_sources_expand_patterns_globs_folders_and_mixes(small_shards):
+    by_brace = data.expand(str(small_shards / "train-{000000..000002}.tar"))
+    assert [Path(u).name for u in by_brace] == [f"train-00000{i}.tar" for i in range(3)]
+    assert len(data.expand(str(small_shards / "test-*.tar"))) == 6
+    assert len(data.expand(str(small_shards))) == 12  # a folder: every .tar in it
+    mixed = data.sources([f"{small_shards}/train-000000.tar::{small_shards}/test-*.tar"], [1, 3])
+    assert [len(s.urls) for s in mixed] == [1, 6] and [s.weight for s in mixed] == [1, 3]
+    assert data.expand("pipe:cat a.tar") == ["pipe:cat a.tar"]
+    with pytest.raises(WitError, match="missing-000000.tar"):
+        data.expand(str(small_shards / "missing-{000000..000001}.tar"))
+    with pytest.raises(WitError, match="2 weights for 1"):
+        data.sources([str(small_shards)], [1, 2])
+
+
+def test_weighted_sources_are_drawn_in_proportion(small_shards):
+    sources = data.sources([str(small_shards / "train-*.tar"), str(small_shards / "test-*.tar")], [3, 1])
+    stream = data.ShardStream(sources, None, 32, 8)
+    draws = stream.shard_urls(random.Random(0), 0, 1)
+    share = sum("train-" in next(draws) for _ in range(8000)) / 8000
+    assert abs(share - 0.75) < 0.02
+
+
+def labels_read(stream: data.ShardStream) -> list[int]:
+    return [int(x) for batch in stream for x in batch["labels"]]
+
+
+def test_pipe_and_fsspec_urls_read_like_local_paths(small_shards):
+    path = small_shards / "test-000000.tar"
+    expected = labels_read(data.ShardStream(data.sources([str(path)]), None, 32, 64, labels="cls"))
+    assert len(expected) == 500
+    for url in (f"pipe:cat {path}", f"file://{path}"):
+        stream = data.ShardStream([data.Source([url])], None, 32, 64, labels="cls")
+        assert labels_read(stream) == expected
+
+
+def test_fewer_shards_than_workers_still_feeds_every_worker(small_shards, monkeypatch):
+    """2 shards, 2 ranks x 3 workers: every slot gets samples, each sample read exactly once."""
+    two = data.sources([str(small_shards / "test-00000[01].tar")])
+    seen = []
+    for rank in range(2):
+        for worker in range(3):
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            monkeypatch.setenv("WORKER", str(worker))
+            monkeypatch.setenv("NUM_WORKERS", "3")
+            mine = labels_read(data.ShardStream(two, None, 32, 50, labels="cls"))
+            assert 160 <= len(mine) <= 170, (rank, worker, len(mine))
+            seen.append(mine)
+    monkeypatch.undo()
+    whole = labels_read(data.ShardStream(two, None, 32, 50, labels="cls"))
+    assert sorted(x for part in seen for x in part) == sorted(whole) and len(whole) == 1000
+
+
+def test_a_real_dataloader_with_more_workers_than_shards(small_shards, tiny):
+    _, tokenizer, size, _, _ = tiny
+    one = data.sources([str(small_shards / "train-000000.tar")])
+    stream = data.ShardStream(one, tokenizer, size, 100, seed=1, resampled=False)
+    batches = data.loader(stream, workers=3)
+    got = [b for _, b in zip(range(12), batches)]
+    assert all(b["images"].shape == (100, size, size, 3) and b["texts"].shape == (100, 24) for b in got)
+    assert all(b["skipped"] == 0 for b in got)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG")
+    raw = bytearray(buf.getvalue())
+    raw[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    raw[29:33] = zlib.crc32(bytes(raw[12:29])).to_bytes(4, "big")
+    return bytes(raw)
+
+
+def test_broken_samples_are_skipped_and_counted(tmp_path, tiny):
+    """Garbage bytes, a truncated JPEG, a PNG claiming 60000x60000 pixels, no caption, a non-UTF-8
+    caption and a shard cut inside a member: every good sample arrives, every bad one is counted,
+    and none stalls the stream."""
+    _, tokenizer, size, _, _ = tiny
+    good = jpeg(photo()[::4, ::4])
+    samples = []
+    for i, (key, image) in enumerate([("garbage", b"not an image at all"),
+                                      ("truncated", good[: len(good) // 3]),
+                                      ("bomb", png_claiming(60000, 60000))]):
+        samples.append((f"good{i}", good, f"good sample {i}", b"{}"))
+        samples.append((key, image, "a caption", b"{}"))
+    write_shard(str(tmp_path / "a.tar"), samples, "jpg")
+    # Members the corpus writer never produces: an image with no caption, a caption in Latin-1.
+    with tarfile.open(tmp_path / "b.tar", "w") as tar:
+        for name, payload in [("nocap.jpg", good), ("latin1.jpg", good), ("latin1.txt", b"caf\xe9"),
+                              ("good3.jpg", good), ("good3.txt", b"good sample 3")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    # good0 whole, then the file ends inside the next member's data.
+    first = 512 + len(good) + (-len(good) % 512) + 2 * 1024
+    (tmp_path / "c.tar").write_bytes((tmp_path / "a.tar").read_bytes()[: first + 512 + 5])
+    shards = data.sources([str(tmp_path / n) for n in ("a.tar", "b.tar", "c.tar")])
+    stream = data.ShardStream(shards, tokenizer, size, 1, resampled=False, shuffle_buffer=0)
+    start = time.perf_counter()
+    batches = iter(data.loader(stream, 0))
+    got = [next(batches) for _ in range(10)]  # two passes of 5 good samples
+    assert time.perf_counter() - start < 30
+    assert all(b["images"].shape == (1, size, size, 3) for b in got)
+    texts = {tuple(b["texts"][0].tolist()) for b in got}
+    wanted = ["good sample 0", "good sample 1", "good sample 2", "good sample 3"]
+    assert texts == {tuple(t) for t in tokenizer(wanted).tolist()}
+    # Each pass has 6 bad records (3 in a.tar, 2 in b.tar, the cut in c.tar); the counts a batch
+    # carries cover the first pass whole.
+    assert 6 <= sum(b["skipped"] for b in got) <= 12
+
+
+def test_crops_decode_in_draft_mode_close_to_a_full_decode():
+    """The centre crop through draft decoding matches a full decode, crop and resize, and random
+    crops are random but repeatable from a seed."""
+    image = photo()
+    encoded = jpeg(image)
+    fast = data.load_image(encoded, 64, None).astype(float)
+    full = Image.open(io.BytesIO(encoded)).convert("RGB").resize((64, 64), Image.BICUBIC)
+    assert fast.shape == (64, 64, 3)
+    assert np.abs(fast - np.asarray(full, float)).mean() < 4  # of 255
+    a = data.load_image(encoded, 64, random.Random(1))
+    b = data.load_image(encoded, 64, random.Random(1))
+    c = data.load_image(encoded, 64, random.Random(2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    x, y, side = data.square_crop(640, 480, random.Random(0), (0.9, 1.0))
+    assert 480 * math.sqrt(0.9) <= side <= 480 and 0 <= x <= 640 - side and 0 <= y <= 480 - side
+    gray = data.load_image(fashion.png(np.full((28, 28), 200, np.uint8)), 32, None)
+    assert gray.shape == (32, 32, 3) and abs(int(gray[16, 16, 0]) - 200) <= 2
+
+
+# --- optimisation -----------------------------------------------------------------------------------
+
+def test_weight_decay_only_on_weight_matrices(tiny):
+    model = tiny[0]
+    decay, no_decay = models.param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0
+    assert {"logit_scale", "visual.ln_post.weight", "visual.ln_post.bias",
+            "transformer.resblocks.0.attn.in_proj_bias"} <= exempt
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert "token_embedding.weight" not in exempt
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_temperature_starts_at_007(tiny):
+    assert tiny[0].logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_cosine_schedule_with_warmup():
+    f = train.cosine_with_warmup(10, 110)
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+def torchrun_step(out: Path, nproc: int, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(29500 + os.getpid() % 1000), str(REPO / "tests" / "ddp_step.py"),
+           str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_two_process_gather_equals_one_process_on_the_global_batch(tmp_path):
+    """2 processes over gloo, 8 samples each, against 1 process with all 16: the same loss and
+    the same gradients on every parameter. Without the gather each rank sees a 8x8 problem and
+    both differ."""
+    single = torchrun_step(tmp_path / "single.pt", 1)
+    ddp = torchrun_step(tmp_path / "ddp.pt", 2)
+    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(ddp["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    apart = torchrun_step(tmp_path / "apart.pt", 2, "--no-gather")
+    assert abs(apart["loss"] - single["loss"]) > 0.1
+
+
+# --- runs: resume, bad input -----------------------------------------------------------------------
+
+def train_cmd(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "wit_builder.cli", "train", "--data", str(shards / "train-*.tar"),
+            "--output", str(out), "--batch-size", "64", "--workers", "0", "--log-every", "1",
+            "--warmup", "5", "--lr", "2e-3", "--shuffle-buffer", "200", *extra]
+
+
+def test_killed_run_resumes_mid_stream_and_the_curve_carries_on(small_shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = train_cmd(small_shards, out, "--steps", "40", "--save-every", "20")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step_00000020.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint at step 20"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(r["step"]) for r in read_csv(out / "log.csv"))
+    assert killed_at < 40
+
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    start = int(re.search(r"resumed from \S+step_(\d+)\.pt at step (\d+)", resumed.stderr).group(2))
+    assert start == 20 <= killed_at
+
+    rows = read_csv(out / "log.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 41))  # no gap, no repeat, no restart
+    assert all(int(r["samples"]) == 64 * int(r["step"]) for r in rows)
+    schedule = train.cosine_with_warmup(5, 40)
+    assert all(float(r["lr"]) == pytest.approx(2e-3 * schedule(int(r["step"])), abs=1e-9) for r in rows)
+    loss = [float(r["loss"]) for r in rows]
+    before, after = np.mean(loss[15:20]), np.mean(loss[20:25])
+    # A restart from scratch would put the loss back where step 1 had it.
+    assert after < np.mean(loss[:5]) - 0.25 and abs(after - before) < 0.25, loss
+    final = torch.load(out / "checkpoints" / "step_00000040.pt", weights_only=False)
+    assert final["step"] == 40
+    assert all(int(s["step"]) == 40 for s in final["optimizer"]["state"].values())  # Adam's own count
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already trained to step 40" in again.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "5", "--crop-scale", "1.0", "0.5"], "--crop-scale"),
+    (["--steps", "5", "--data", "/nonexistent/shard-{000000..000003}.tar"], "/nonexistent/shard-000000.tar"),
+    (["--steps", "5", "--model", "ViT-Nonexistent"], "unknown model 'ViT-Nonexistent'"),
+    (["--steps", "5", "--data-weights", "1", "2"], "2 weights for 1"),
+])
+def test_bad_arguments_are_clear_errors(small_shards, tmp_path, args, message):
+    proc = subprocess.run(train_cmd(small_shards, tmp_path / "bad", *args), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bad_checkpoints_and_templates_are_named(small_shards, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x80\x02 not a checkpoint")
+    proc = wit("eval", "--data", small_shards / "test-000000.tar", "--checkpoint", broken, check=False)
+    assert proc.returncode == 2 and str(broken) in proc.stderr
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of a {}.\na photo without a slot.\n")
+    with pytest.raises(WitError, match=r"templates.txt \(line 2\)"):
+        zeroshot.read_templates(templates)
+
+
+# --- the Fashion-MNIST sanity run --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fashion_run(tmp_path_factory) -> tuple[Path, Path, float]:
+    """Train the tiny model on the CPU from the whole Fashion-MNIST train split."""
+    root = tmp_path_factory.mktemp("fashion")
+    fashion.build(root / "shards")
+    out = root / "run"
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "wit_builder.cli", "train", "--data", str(root / "shards" / "train-*.tar"),
+           "--output", str(out), "--steps", "150", "--batch-size", "256", "--warmup", "20", "--lr", "1e-3",
+           "--workers", "1", "--save-every", "150", "--log-every", "10",
+           "--eval-data", str(root / "shards" / "test-*.tar")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, out, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_fashion_mnist_zero_shot_far_above_chance(fashion_run):
+    root, out, seconds = fashion_run
+    proc = wit("eval", "--data", root / "shards" / "test-*.tar", "--checkpoint",
+               out / "checkpoints" / "step_00000150.pt", "--json")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"\nFashion-MNIST zero-shot after {seconds:.0f} s of CPU training: {result}")
+    assert result["images"] == 10000
+    assert result["top1"] > 0.5  # chance is 0.1
+    assert result["top5"] > result["top1"]
+    during = read_csv(out / "eval.csv")[-1]  # the same figure from the evaluation during training
+    assert float(during["top1"]) == pytest.approx(result["top1"], abs=1e-4)
+    rows = read_csv(out / "log.csv")
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"]) - 1
+    assert all(0 <= float(r["data_wait"]) < 1 and float(r["samples_per_s"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_eval_on_an_image_folder(fashion_run, tmp_path):
+    """The same checkpoint on a folder of class folders, class names taken from the folder names."""
+    root, out, _ = fashion_run
+    images, labels = fashion.load("test")
+    for i in range(600):
+        folder = tmp_path / fashion.CLASSNAMES[labels[i]].replace(" ", "_")
+        folder.mkdir(exist_ok=True)
+        (folder / f"{i}.png").write_bytes(fashion.png(images[i]))
+    (tmp_path / "coat" / "broken.png").write_bytes(b"\x89PNG broken")
+    proc = wit("eval", "--data", tmp_path, "--checkpoint", out / "checkpoints" / "step_00000150.pt",
+               "--json")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["images"] == 600 and result["top1"] > 0.5
