@@ -10,7 +10,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE := disabled
 
 .PHONY: setup demo test test-fast queries candidates filter match download dedup balance shards corpus \
-	stats report status sql bench clean
+	train fashion stats report status sql bench clean
 
 ## setup: build .venv (idempotent), and WordNet 3.0 and Fashion-MNIST if they are missing
 setup: $(VENV)/.installed /usr/share/wordnet/data.noun /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
@@ -81,6 +81,26 @@ shards: setup
 corpus: setup
 	$(BIN)/wit run $(RECIPE)
 
+## train: train the tiny CLIP model on the run's shards (made first if missing); TRAIN_ARGS adds
+## wit train options, e.g. TRAIN_ARGS="--model ViT-B-32 --steps 10000 --batch-size 256"
+TRAIN_ARGS ?=
+train: setup
+	$(BIN)/wit run $(RECIPE)
+	$(BIN)/wit train --data $(RUN_DIR)/shards --output $(RUN_DIR)/train --model wit-tiny --steps 100 \
+		--batch-size 16 --warmup 10 --workers 1 --save-every 50 --log-every 10 $(TRAIN_ARGS)
+	@echo "Checkpoints and log.csv: $(RUN_DIR)/train"
+
+## fashion: the trainer's sanity check: Fashion-MNIST shards, ~4 CPU minutes of training from
+## scratch, then zero-shot top-1/top-5 on the 10,000 test images
+FASHION := runs/fashion
+fashion: setup $(FASHION)/shards/classnames.txt
+	$(BIN)/wit train --data '$(FASHION)/shards/train-*.tar' --output $(FASHION)/train --steps 300 \
+		--batch-size 256 --warmup 30 --lr 1e-3 --workers 1 --save-every 100 --log-every 20 $(TRAIN_ARGS)
+	$(BIN)/wit eval --data '$(FASHION)/shards/test-*.tar' --checkpoint $(FASHION)/train
+
+$(FASHION)/shards/classnames.txt: | /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+	$(BIN)/python -m trainer.fashion $(FASHION)/shards
+
 ## stats: every built-in report (wit_builder/reports/*.sql) over the run
 stats: setup
 	$(BIN)/wit stats $(RUN_DIR)
@@ -104,6 +124,8 @@ bench: setup
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/corpus.py
 	$(BIN)/python bench/stats.py
+	$(BIN)/python bench/train_data.py
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf runs

@@ -283,6 +283,21 @@ def test_killed_run_resumes_mid_stream_and_the_curve_carries_on(small_shards, tm
     assert again.returncode == 0 and "already trained to step 40" in again.stderr
 
 
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(small_shards, tmp_path):
+    """--compile (torch.compile, inductor on the CPU) gives the eager run's losses on the same seed
+    and data, and its checkpoint loads into a plain model."""
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        proc = subprocess.run(train_cmd(small_shards, tmp_path / name, "--steps", "3", *extra), cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[name] = [float(r["loss"]) for r in read_csv(tmp_path / name / "log.csv")]
+    assert losses["compiled"] == pytest.approx(losses["eager"], abs=2e-3)
+    model = models.create("wit-tiny")[0]
+    models.load_weights(model, str(tmp_path / "compiled" / "checkpoints" / "step_00000003.pt"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--steps", "5", "--crop-scale", "1.0", "0.5"], "--crop-scale"),
@@ -328,8 +343,7 @@ def fashion_run(tmp_path_factory) -> tuple[Path, Path, float]:
 @pytest.mark.slow
 def test_fashion_mnist_zero_shot_far_above_chance(fashion_run):
     root, out, seconds = fashion_run
-    proc = wit("eval", "--data", root / "shards" / "test-*.tar", "--checkpoint",
-               out / "checkpoints" / "step_00000150.pt", "--json")
+    proc = wit("eval", "--data", root / "shards" / "test-*.tar", "--checkpoint", out, "--json")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\nFashion-MNIST zero-shot after {seconds:.0f} s of CPU training: {result}")
     assert result["images"] == 10000

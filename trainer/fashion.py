@@ -108,11 +108,13 @@ def write_split(out: Path, split: str, source: Path, per_shard: int, seed: int =
 
 def build(out: str | Path, source: Path = SOURCE, per_shard: int = 5000,
           limit: int | None = None) -> tuple[list[Path], list[Path]]:
-    """Write train-*.tar and test-*.tar shards and classnames.txt; return the two shard lists."""
+    """Write train-*.tar and test-*.tar shards, then classnames.txt (last: it marks the set
+    complete); return the two shard lists."""
     out = Path(out)
+    shards = (write_split(out, "train", source, per_shard, limit=limit),
+              write_split(out, "test", source, per_shard, limit=limit))
     atomic_write_bytes(out / "classnames.txt", ("\n".join(CLASSNAMES) + "\n").encode())
-    return (write_split(out, "train", source, per_shard, limit=limit),
-            write_split(out, "test", source, per_shard, limit=limit))
+    return shards
 
 
 def main(argv: list[str] | None = None) -> int:

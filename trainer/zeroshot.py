@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="image folder (one sub-folder per class) or shards")
     p.add_argument("--model", default="wit-tiny")
-    p.add_argument("--checkpoint", help="weights to evaluate (wit train's or open_clip's); "
+    p.add_argument("--checkpoint", help="weights to evaluate: a checkpoint file (wit train's or "
+                                        "open_clip's) or a wit train run folder (its newest); "
                                         "without one the model is untrained")
     p.add_argument("--classnames", help="file, one class name per line, in class-index order")
     p.add_argument("--templates", help="file, one template per line with {} (default: 80 ImageNet)")
@@ -144,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     try:
-        model, tokenizer, size, mean, std = models.create(args.model, args.checkpoint, device)
+        checkpoint = args.checkpoint
+        if checkpoint and Path(checkpoint).is_dir():
+            from .train import Checkpoints
+            checkpoint = Checkpoints(Path(checkpoint), keep=0).latest()
+            if checkpoint is None:
+                raise WitError("no checkpoints/step_*.pt in this run folder", where=args.checkpoint)
+        model, tokenizer, size, mean, std = models.create(args.model, checkpoint and str(checkpoint), device)
         dataset, default_names = labelled_set(args.data, size, args.batch_size, args.class_key)
         classnames = read_lines(args.classnames) if args.classnames else default_names
         if not classnames:

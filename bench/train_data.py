@@ -1,0 +1,92 @@
+"""Training data loading on one core: samples/s from 256-px JPEG shards to model-ready batches
+(decode, random square crop to 224 px, tokenise), wit's loader against open_clip_train's per-sample
+path (PIL decode, RandomResizedCrop + ToTensor + Normalize, one tokenizer call a sample), same shards,
+same run.
+
+    .venv/bin/python bench/train_data.py [--samples 4000] [--size 224] [--stored 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import open_clip  # noqa: E402
+import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+
+from corpus import PHOTOS, photos  # noqa: E402
+from pipelines.shard import write_shard  # noqa: E402
+from trainer import data  # noqa: E402
+
+CAPTIONS = ["{} on a wooden table, seen from above in soft morning light",
+            "close-up photo of a {} at the museum", "{}", "a {} and its reflection, 35mm film",
+            "vintage postcard: the {} in spring"]
+
+
+def make_shards(folder: Path, samples: int, stored: int) -> list[str]:
+    images = photos(stored, samples)
+    rows = [(f"{i:08d}", images[i], CAPTIONS[i % len(CAPTIONS)].format(PHOTOS[i % len(PHOTOS)].split(".")[0]),
+             b"{}") for i in range(samples)]
+    urls = []
+    for start in range(0, samples, 1000):
+        urls.append(str(folder / f"{start // 1000:06d}.tar"))
+        write_shard(urls[-1], rows[start:start + 1000], "jpg")
+    return urls
+
+
+def wit_loader(urls: list[str], tokenizer, size: int, batch: int):
+    stream = data.ShardStream([data.Source(urls)], tokenizer, size, batch, resampled=False,
+                              shuffle_buffer=1000)
+    return iter(data.loader(stream, 0))
+
+
+def open_clip_loader(urls: list[str], tokenizer, size: int, batch: int):
+    """open_clip_train.data.get_wds_dataset's per-sample stages, in one process."""
+    preprocess = open_clip.image_transform(size, is_train=True)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.shuffle(1000),
+        wds.decode("pilrgb"), wds.rename(image="jpg;png;jpeg;webp", text="txt"),
+        wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
+        wds.to_tuple("image", "text"), wds.batched(batch))
+    return iter(pipeline.repeat(nepochs=1000))
+
+
+def rate(batches, samples: int, batch: int) -> float:
+    next(batches)  # warm-up: first shard open, shuffle buffer fill
+    start = time.perf_counter()
+    for _ in range(samples // batch):
+        next(batches)
+    return (samples // batch) * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=4000)
+    p.add_argument("--size", type=int, default=224, help="training image size")
+    p.add_argument("--stored", type=int, default=256, help="short side of the stored JPEGs")
+    p.add_argument("--batch", type=int, default=256)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = make_shards(Path(tmp), args.samples, args.stored)
+        print(f"{args.samples} samples, {args.stored}-px JPEGs -> {args.size} px, batch {args.batch}, one core")
+        ours = rate(wit_loader(urls, tokenizer, args.size, args.batch), args.samples, args.batch)
+        theirs = rate(open_clip_loader(urls, tokenizer, args.size, args.batch), args.samples, args.batch)
+    print(f"wit loader           {ours:8.0f} samples/s per core")
+    print(f"open_clip per-sample {theirs:8.0f} samples/s per core")
+    print(f"ratio                {ours / theirs:8.2f}x   (goal: >= 1,500 samples/s per core)")
+
+
+if __name__ == "__main__":
+    main()
