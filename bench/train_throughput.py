@@ -64,7 +64,7 @@ def open_clip_train(shards: str, model: str, args, out: Path) -> tuple[float, fl
          "--batch-size", str(args.batch), "--workers", str(args.workers), "--warmup", "10",
          "--precision", "fp32" if args.precision == "fp32" else "amp_bf16", "--save-frequency", "0",
          "--log-every-n-steps", str(args.log_every), "--logs", str(out), "--name", "bench",
-         "--report-to", "", "--local-loss", "--gather-with-grad", "--seed", "0"], log)
+         "--report-to", "", "--local-loss", "--gather-with-grad", "--grad-clip-norm", "1.0", "--seed", "0"], log)
     # "Data (t): 0.012 Batch (t): 0.345, 742.1/s ..." (averages over the logging window)
     windows = [(float(d), float(b)) for d, b in re.findall(r"Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)",
                                                            log.read_text())]
@@ -95,9 +95,9 @@ def main() -> None:
         shards = str(tmp / f"{{000000..{len(urls) - 1:06d}}}.tar")
         print(f"{device}; {args.samples} 256-px samples; batch {args.batch}, {args.steps} steps, "
               f"{args.workers} loader workers, {args.precision}")
-        for model in args.models:
-            ours, ours_wait = wit(shards, model, args, tmp / f"wit-{model}")
-            theirs, their_wait = open_clip_train(shards, model, args, tmp / f"oc-{model}")
+        for i, model in enumerate(args.models):
+            ours, ours_wait = wit(shards, model, args, tmp / f"wit-{i}-{model}")
+            theirs, their_wait = open_clip_train(shards, model, args, tmp / f"oc-{i}-{model}")
             print(f"{model:10s} wit {ours:9.1f} samples/s (data wait {ours_wait:5.1%})   "
                   f"open_clip_train {theirs:9.1f} samples/s (data wait {their_wait:5.1%})   "
                   f"ratio {ours / theirs:.2f}x")
