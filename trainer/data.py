@@ -1,7 +1,7 @@
 """Stream WebDataset shards into batches of uint8 images and token ids.
 
 Sources are local paths, brace patterns, globs, directories of .tar files, `pipe:` commands, http(s)
-URLs (curl, as webdataset opens them) and any other fsspec URL (s3://, gs://, file://, ...). Several
+URLs (curl, as webdataset opens them), file:// and any other fsspec URL (s3://, gs://, ...). Several
 sources can be mixed with weights.
 
 Training streams never end: shards are drawn with replacement (`resampled`, the default), or each
@@ -42,6 +42,7 @@ log = logging.getLogger("wit.train")
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 MAX_PIXELS = 50_000_000  # larger images are skipped before they are decoded
+MAX_BROKEN_IN_A_ROW = 10_000  # then the data, not a sample, is broken: stop instead of spinning
 WEBDATASET_SCHEMES = {"", "pipe", "http", "https", "file"}
 cv2.setNumThreads(1)  # one loader worker, one core
 
@@ -206,6 +207,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.batch_size, self.seed, self.resampled = batch_size, seed, resampled
         self.shuffle_buffer, self.scale, self.labels = shuffle_buffer, scale, labels
         self.skipped = 0
+        self.shard_count = sum(len(s.urls) for s in sources)
 
     @property
     def train(self) -> bool:
@@ -236,12 +238,17 @@ class ShardStream(torch.utils.data.IterableDataset):
     def members(self, urls):
         """Tar members of each shard, then an end-of-shard marker. A broken shard counts once:
         its good members are kept and reading stops at the break."""
+        barren = 0  # shards in a row without a single member: an endless stream must not spin
         for url in urls:
             stream = None
+            barren += 1
+            if barren > max(100, 3 * self.shard_count):
+                raise WitError(f"{barren - 1} shards in a row had no readable member", where=url)
             try:
                 stream = open_shard(url)
                 for member in tar_file_iterator(stream, handler=lambda e, url=url: not self.skip(url, e)):
                     member["__url__"] = url
+                    barren = 0
                     yield member
             except Exception as e:  # not a tar at all, unreadable, or cut inside a header
                 self.skip(url, e)
@@ -253,21 +260,26 @@ class ShardStream(torch.utils.data.IterableDataset):
     def samples(self):
         my_slot, slots = slot()
         rng = random.Random(wds.utils.make_seed(self.seed, my_slot))
-        every_shard = len([u for s in self.sources for u in s.urls]) < slots and not (
-            self.train and self.resampled)
+        every_shard = self.shard_count < slots and not (self.train and self.resampled)
         stream = group_by_keys(self.members(self.shard_urls(rng, my_slot, slots)),
                                handler=lambda e: self.skip("shard", e))
         if every_shard:
             stream = (s for i, s in enumerate(stream) if i % slots == my_slot)
         if self.train and self.shuffle_buffer > 1:
             stream = wds.filters._shuffle(stream, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
+        broken = 0
         for sample in stream:
             try:
                 image = load_image(image_bytes(sample), self.size, rng if self.train else None, self.scale)
                 target = caption(sample) if self.train else label(sample, self.labels)
             except BrokenSample as e:
-                self.skip(f"{sample.get('__url__')} (sample {sample.get('__key__')})", e)
+                where = f"{sample.get('__url__')} (sample {sample.get('__key__')})"
+                self.skip(where, e)
+                broken += 1
+                if broken >= MAX_BROKEN_IN_A_ROW:
+                    raise WitError(f"{broken} samples in a row were broken; the last: {e}", where=where)
                 continue
+            broken = 0
             yield image, target
 
     def __iter__(self):

@@ -236,6 +236,7 @@ def check(args) -> None:
 def train(args) -> dict:
     """Run (or resume) training; return the final step's figures."""
     check(args)
+    sources = data.sources(args.data, args.data_weights)
     env = Distributed(args.device)
     out = Path(args.output)
     precision = args.precision
@@ -280,7 +281,6 @@ def train(args) -> dict:
     model, loss_fn = parallel(model, env, args.compile)
     autocast = autocast_for(precision, env.device)
 
-    sources = data.sources(args.data, args.data_weights)
     # The stream's seed depends on the step it starts at: a resumed run draws new samples.
     stream = data.ShardStream(sources, tokenizer, image_size, args.batch_size,
                               seed=data.wds.utils.make_seed(args.seed, step), resampled=args.resampled,
