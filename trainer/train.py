@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 from open_clip.loss import ClipLoss
 from tqdm import tqdm
+from webdataset.utils import make_seed
 
 from wit_builder.errors import WitError
 from wit_builder.workspace import atomic_path, atomic_write_bytes
@@ -244,7 +244,6 @@ def train(args) -> dict:
         precision = "amp_bf16" if env.device.type == "cuda" else "fp32"
 
     torch.manual_seed(args.seed)
-    random.seed(args.seed)
     model, tokenizer, image_size, mean, std = models.create(args.model, args.init, env.device)
     normalise = models.Normalise(mean, std).to(env.device)
     optimizer = torch.optim.AdamW(models.param_groups(model, args.wd), lr=args.lr,
@@ -283,7 +282,7 @@ def train(args) -> dict:
 
     # The stream's seed depends on the step it starts at: a resumed run draws new samples.
     stream = data.ShardStream(sources, tokenizer, image_size, args.batch_size,
-                              seed=data.wds.utils.make_seed(args.seed, step), resampled=args.resampled,
+                              seed=make_seed(args.seed, step), resampled=args.resampled,
                               shuffle_buffer=args.shuffle_buffer, scale=tuple(args.crop_scale))
     batches = iter(data.loader(stream, args.workers, pin_memory=env.device.type == "cuda"))
 
