@@ -51,31 +51,10 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-## queries: the query-list stage alone
-queries: setup
-	$(BIN)/wit run $(RECIPE) --stage queries
-
-## candidates, filter, match: one pair stage each
-candidates: setup
-	$(BIN)/wit run $(RECIPE) --stage candidates
-
-filter: setup
-	$(BIN)/wit run $(RECIPE) --stage filter
-
-match: setup
-	$(BIN)/wit run $(RECIPE) --stage match
-
-download: setup
-	$(BIN)/wit run $(RECIPE) --stage download
-
-dedup: setup
-	$(BIN)/wit run $(RECIPE) --stage dedup
-
-balance: setup
-	$(BIN)/wit run $(RECIPE) --stage balance
-
-shards: setup
-	$(BIN)/wit run $(RECIPE) --stage shards
+## queries, candidates, filter, match, download, dedup, balance, shards: one stage alone
+STAGES := queries candidates filter match download dedup balance shards
+$(STAGES): setup
+	$(BIN)/wit run $(RECIPE) --stage $@
 
 ## corpus: every stage, queries to shards
 corpus: setup

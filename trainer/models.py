@@ -42,16 +42,24 @@ def create(name: str, checkpoint: str | None = None, device: str | torch.device 
     return model, tokenizer, int(size), tuple(mean), tuple(std)
 
 
+def read_checkpoint(path: str | Path):
+    """A checkpoint file's contents, or an error that names the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load raises pickle, zip, OS and runtime errors alike
+        raise WitError(f"cannot read checkpoint: {e}", where=str(path)) from e
+
+
 def load_weights(model: torch.nn.Module, path: str) -> None:
     """Load weights from this trainer's checkpoints or open_clip's (both keep a 'state_dict')."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch.load raises pickle, zip, OS and runtime errors alike
-        raise WitError(f"cannot read checkpoint: {e}", where=path) from e
-    load_state(model, state.get("state_dict", state) if isinstance(state, dict) else state, path)
+    load_state(model, read_checkpoint(path), path)
 
 
 def load_state(model: torch.nn.Module, state: dict, where: str) -> None:
+    """A state dict, or a checkpoint that holds one under 'state_dict', into the model."""
+    if not isinstance(state, dict):
+        raise WitError("not a state dict or checkpoint", where=where)
+    state = state.get("state_dict", state)
     # DDP and torch.compile prefix the names of the models they wrap.
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     try:

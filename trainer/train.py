@@ -164,10 +164,7 @@ class Checkpoints:
 
 
 def load_checkpoint(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch.load raises pickle, zip, OS and runtime errors alike
-        raise WitError(f"cannot read checkpoint: {e}", where=str(path)) from e
+    state = models.read_checkpoint(path)
     if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
         raise WitError("not a wit train checkpoint (no step or optimizer state); pass it as --init "
                        "to start from its weights", where=str(path))

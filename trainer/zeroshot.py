@@ -70,10 +70,14 @@ class ImageFolder(torch.utils.data.IterableDataset):
                 self.skipped += 1
                 data.log.warning("skipped %s: %s", path, e)
             if len(images) == self.batch_size:
-                yield {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels)}
+                yield batch(images, labels)
                 images, labels = [], []
         if images:
-            yield {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels)}
+            yield batch(images, labels)
+
+
+def batch(images: list[np.ndarray], labels: list[int]) -> dict:
+    return {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels)}
 
 
 def labelled_set(spec: str, image_size: int, batch_size: int, class_key: str = "cls"):
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wit eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="image folder (one sub-folder per class) or shards")
-    p.add_argument("--model", default="wit-tiny")
+    p.add_argument("--model", help="open_clip architecture (default: the one a wit train checkpoint "
+                                   "names, else wit-tiny)")
     p.add_argument("--checkpoint", help="weights to evaluate: a checkpoint file (wit train's or "
                                         "open_clip's) or a wit train run folder (its newest); "
                                         "without one the model is untrained")
@@ -151,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = Checkpoints(Path(checkpoint), keep=0).latest()
             if checkpoint is None:
                 raise WitError("no checkpoints/step_*.pt in this run folder", where=args.checkpoint)
-        model, tokenizer, size, mean, std = models.create(args.model, checkpoint and str(checkpoint), device)
+        state = models.read_checkpoint(checkpoint) if checkpoint else None
+        name = args.model or (isinstance(state, dict) and state.get("model")) or "wit-tiny"
+        model, tokenizer, size, mean, std = models.create(name, device=device)
+        if state is not None:
+            models.load_state(model, state, str(checkpoint))
         dataset, default_names = labelled_set(args.data, size, args.batch_size, args.class_key)
         classnames = read_lines(args.classnames) if args.classnames else default_names
         if not classnames:
