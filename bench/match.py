@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.candidates import candidates_part  # noqa: E402
+from pipelines.candidates import extract  # noqa: E402
 from pipelines.matcher import QueryMatcher  # noqa: E402
 from queries.stage import build_query_list  # noqa: E402
 from wit_builder.recipe import QuerySettings  # noqa: E402
@@ -45,7 +45,7 @@ def real_captions(tmp: Path) -> list[str]:
     for i, warc in enumerate(WARCS):
         out = {"candidates": str(tmp / f"c{i}.parquet"), "rejects": str(tmp / f"r{i}.parquet")}
         t = time.perf_counter()
-        candidates_part(str(warc), "warc", "url", "caption", out)
+        extract(str(warc), "warc", "url", "caption", out)
         seconds += time.perf_counter() - t
         mb += warc.stat().st_size / 1e6
         texts += pq.read_table(out["candidates"]).column("text").to_pylist()

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 
 from corpus import PHOTOS, photos  # noqa: E402
-from pipelines.shard import write_shard  # noqa: E402
+from wit_builder.tar import write_shard  # noqa: E402
 from trainer import data  # noqa: E402
 
 CAPTIONS = ["{} on a wooden table, seen from above in soft morning light",

@@ -1,55 +1,369 @@
 """Dedup: exact duplicates (image sha256, normalised URL), near duplicates (pHash within Hamming
-distance k), and images that overlap an evaluation set.
+distance k), and images that overlap an evaluation set, as a shuffle that scales with the corpus.
 
-Map, per downloaded partition: `dedup/hashes/part-<key>.parquet` (uid, url, sha256, phash, width,
-height, query_ids). Reduce, over all of them: `dedup/dedup.parquet` (uid, sha256, phash, keep, dup_of,
-reason, distance) and `dedup/query_counts.parquet`, the per-query counts of the survivors that
-balancing needs.
+1. Map, per downloaded partition: each successful image becomes hash records, scattered into B
+   buckets by key: its exact keys (sha256, URL) and k + 1 pHash band records (below).
+2. One task per bucket: duplicate edges between records with the same exact key, and between pHashes
+   within k; hits on evaluation images. `dedup/_shuffle/<plan>/edges/` and `hits/`.
+3. Group, one task: union-find over the edges only (memory O(duplicate edges), never O(images)); each
+   connected group keeps one member: the one matching the most queries, then the larger image, then
+   the smallest uid. Every other member records the kept one as `dup_of`, with the reason
+   `exact_image` (same bytes as the keeper), `same_url` or `near_duplicate`, and its Hamming distance
+   to the keeper. An image within k of an evaluation image is removed as `eval_overlap`, with the
+   evaluation image as `dup_of`, as the CLIP paper's overlap analysis did. Written sorted by partition.
+4. Per partition: `dedup/part-<key>.parquet` (every image: uid, url, sha256, phash, width, height,
+   query_ids, keep, dup_of, reason, distance) and the survivors' per-query counts; then the counts are
+   summed into `dedup/query_counts.parquet`, which balancing needs.
 
-Duplicates form a graph (same sha256, same URL, or pHashes within k); each connected group keeps one
-member: the one matching the most queries, then the larger image, then the smallest uid. Every other
-member records the kept one as `dup_of`, with the reason `exact_image`, `same_url` or
-`near_duplicate`. An image within k of an evaluation image is removed as `eval_overlap`, with the
-evaluation image as `dup_of`, as the CLIP paper's overlap analysis did.
+Near duplicates, recall 1.0: cut the 64 bits into m = k + r blocks. Two hashes within k differ in at
+most k blocks, so they agree exactly on at least r; take the first r blocks they agree on, whose
+smallest is block i <= k. A hash's record for block i goes to the bucket of (i, its block-i bits), and
+the bucket task compares only records that also agree on r - 1 later blocks. Each hash is written
+k + 1 times whatever r is; r grows with the corpus (2, then 3 from half a million images) so that
+hashes rarely share a key by chance.
 """
 
 from __future__ import annotations
 
 import gzip
 import tarfile
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from wit_builder.errors import WitError
-from wit_builder.runner import Stage, Task
-from wit_builder.workspace import Run, file_identity, write_parquet
+from wit_builder.ids import fingerprint
+from wit_builder.runner import (Manifest, Stage, Task, combined_fingerprint, completed, partition_entry,
+                                step_info)
+from wit_builder.shuffle import (SLICE_ROW_GROUP, bucket_folder, bucket_of, read_bucket, read_slice, scatter, splitmix64, string_hash64, take_by_uid,
+                                 u64_to_uid, uid_to_u64)
+from wit_builder.workspace import Run, file_identity, read_table, write_parquet
 
-from .download import DownloadStage
-from .neardup import near_duplicate_pairs
+from .neardup import blocks, pairs_sharing_blocks
 from .phash import SIDE, phash_bytes, phash_pixels
+from .sampling import query_counts, sum_counts_task
 
-VERSION = 1
+VERSION = 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+RECORDS_PER_BUCKET = 8_000_000  # band records; with the default bucket count a bucket task stays < 1 GB
+
+EXACT_SCHEMA = pa.schema([("kind", pa.uint8()), ("key", pa.uint64()), ("part", pa.int32()),
+                          ("uid", pa.uint64()), ("rank", pa.uint64()), ("phash", pa.uint64())])
+# part < 0: an evaluation image (set -part - 1, its index in uid).
+BAND_SCHEMA = pa.schema([("block", pa.uint8()), ("phash", pa.uint64()), ("part", pa.int32()),
+                         ("uid", pa.uint64()), ("rank", pa.uint64())])
+EDGE_SCHEMA = pa.schema([("kind", pa.uint8())] + [(f"{side}_{name}", t) for side in "ab" for name, t in
+                        (("part", pa.int32()), ("uid", pa.uint64()), ("rank", pa.uint64()),
+                         ("phash", pa.uint64()))])
+HIT_SCHEMA = pa.schema([("part", pa.int32()), ("uid", pa.uint64()), ("distance", pa.int32()),
+                        ("eval_set", pa.int32()), ("eval_index", pa.uint64())])
+DECISION_SCHEMA = pa.schema([("part", pa.int32()), ("uid", pa.string()), ("dup_of", pa.string()),
+                             ("reason", pa.string()), ("distance", pa.int32())])
+DEDUP_SCHEMA = pa.schema([
+    ("uid", pa.string()), ("url", pa.string()), ("sha256", pa.string()), ("phash", pa.uint64()),
+    ("width", pa.int32()), ("height", pa.int32()), ("query_ids", pa.list_(pa.int32())),
+    ("keep", pa.bool_()), ("dup_of", pa.string()), ("reason", pa.string()), ("distance", pa.int32()),
+])
+SHA, URL, NEAR = 0, 1, 2  # edge kinds
 
 
-def hash_part(status: str, images: str, matched: str, output: str) -> dict:
-    imgs = pq.read_table(images)
-    meta = pq.read_table(status, columns=["uid", "width", "height"])
-    queries = pq.read_table(matched, columns=["uid", "url", "query_ids"])
-    hashes, ok = phash_bytes(imgs.column("image").to_pylist())
-    uid = imgs.column("uid")
-    m = meta.take(pc.index_in(uid, value_set=meta.column("uid")))
-    q = queries.take(pc.index_in(uid, value_set=queries.column("uid")))
-    table = pa.table({"uid": uid, "url": q.column("url"), "sha256": imgs.column("sha256"),
-                      "phash": pa.array(hashes, pa.uint64()), "ok": pa.array(ok),
-                      "width": m.column("width"), "height": m.column("height"),
-                      "query_ids": q.column("query_ids")}).sort_by("uid")
-    write_parquet(table, output)
-    return {"images": table.num_rows, "unhashable": int((~ok).sum())}
+def band_r(images: int, radius: int) -> int:
+    """How many blocks two near hashes must share: more for bigger corpora, so that a key's random
+    collisions stay rare (2^27 keys at r = 3 against 2^21 at r = 2)."""
+    if radius == 0:
+        return 1
+    return min(2 if images < 500_000 else 3, radius + 1)
+
+
+def keeper_rank(query_ids: pa.ChunkedArray, width, height) -> np.ndarray:
+    """Smaller is a better keeper: more queries first, then the larger image."""
+    nq = np.minimum(pc.list_value_length(query_ids).to_numpy(zero_copy_only=False), 255).astype(np.uint64)
+    area = (np.asarray(width, np.int64) * np.asarray(height, np.int64)).clip(0, (1 << 48) - 1).astype(np.uint64)
+    return ((np.uint64(255) - nq) << np.uint64(48)) | (np.uint64((1 << 48) - 1) - area)
+
+
+def survivors_input(status: str, matched: str) -> pa.Table:
+    """The partition's successfully downloaded images with what dedup and balance need, by uid."""
+    s = read_table(status, columns=["uid", "status", "sha256", "phash", "width", "height"])
+    s = s.filter(pc.equal(s.column("status"), "success")).drop_columns(["status"]).sort_by("uid")
+    m = take_by_uid(read_table(matched, columns=["uid", "url", "query_ids"]), s.column("uid"))
+    return pa.table({"uid": s.column("uid"), "url": m.column("url"), "sha256": s.column("sha256"),
+                     "phash": s.column("phash"), "width": s.column("width"), "height": s.column("height"),
+                     "query_ids": m.column("query_ids")})
+
+
+def band_records(phash: np.ndarray, part: np.ndarray, uid: np.ndarray, rank: np.ndarray, radius: int,
+                 r: int) -> tuple[pa.Table, np.ndarray]:
+    """The k + 1 band records of each hash and their bucket keys."""
+    cuts = blocks(radius + r)
+    tables, keys = [], []
+    for i, (shift, width) in enumerate(cuts[: len(cuts) - r + 1]):
+        bits = (phash >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+        keys.append(splitmix64(bits ^ (np.uint64(i + 1) << np.uint64(56))))
+        tables.append(pa.table({"block": pa.array(np.full(len(phash), i, np.uint8)), "phash": phash,
+                                "part": pa.array(part, pa.int32()), "uid": uid, "rank": rank}))
+    if not tables:
+        return BAND_SCHEMA.empty_table(), np.zeros(0, np.uint64)
+    return pa.concat_tables(tables), np.concatenate(keys)
+
+
+def map_part(status: str, matched: str, part: int, radius: int, r: int, buckets: int, shuffle: str) -> dict:
+    """Step 1: scatter one partition's hash records."""
+    t = survivors_input(status, matched)
+    n = t.num_rows
+    uid = uid_to_u64(t.column("uid"))
+    phash = t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
+    rank = keeper_rank(t.column("query_ids"), t.column("width").to_numpy(zero_copy_only=False),
+                       t.column("height").to_numpy(zero_copy_only=False))
+    parts = np.full(n, part, np.int32)
+    sha = uid_to_u64(pc.utf8_slice_codeunits(t.column("sha256"), 0, 16)) if n else np.zeros(0, np.uint64)
+    url = string_hash64(t.column("url")) if n else np.zeros(0, np.uint64)
+    exact = pa.table({"kind": pa.array(np.r_[np.zeros(n), np.ones(n)].astype(np.uint8)),
+                      "key": np.r_[sha, url], "part": pa.array(np.r_[parts, parts], pa.int32()),
+                      "uid": np.r_[uid, uid], "rank": np.r_[rank, rank], "phash": np.r_[phash, phash]},
+                     schema=EXACT_SCHEMA)
+    exact_bucket = bucket_of(splitmix64(exact.column("key").to_numpy() ^ np.r_[np.zeros(n), np.ones(n)]
+                                        .astype(np.uint64)), buckets)
+    scatter(exact, exact_bucket, shuffle, f"{part:06d}.exact")
+    bands, keys = band_records(phash, parts, uid, rank, radius, r)
+    scatter(bands, bucket_of(keys, buckets), shuffle, f"{part:06d}.near")
+    return {"images": n}
+
+
+def map_eval(index: int, kind: str, path: str, radius: int, r: int, buckets: int, shuffle: str,
+             ids_output: str) -> dict:
+    """Step 1 for an evaluation set: its band records, and its image ids for the group step."""
+    hashes, ids = eval_hashes(kind, path)
+    write_parquet(pa.table({"id": pa.array(ids, pa.string())}), ids_output)
+    n = len(hashes)
+    bands, keys = band_records(hashes, np.full(n, -(index + 1), np.int32), np.arange(n, dtype=np.uint64),
+                               np.zeros(n, np.uint64), radius, r)
+    scatter(bands, bucket_of(keys, buckets), shuffle, f"eval{index:03d}.near")
+    return {"images": n}
+
+
+# --- step 2: one bucket ---------------------------------------------------------------------------
+
+
+def _edges(kind, a: dict, b: dict, ia: np.ndarray, ib: np.ndarray) -> pa.Table:
+    cols = {"kind": pa.array(np.full(len(ia), kind, np.uint8))}
+    for side, src, idx in (("a", a, ia), ("b", b, ib)):
+        for name in ("part", "uid", "rank", "phash"):
+            cols[f"{side}_{name}"] = src[name][idx]
+    return pa.table(cols, schema=EDGE_SCHEMA)
+
+
+def exact_edges(records: pa.Table) -> pa.Table:
+    """Star edges from the first member (by uid) of each group of equal (kind, key)."""
+    if records.num_rows == 0:
+        return EDGE_SCHEMA.empty_table()
+    records = records.sort_by([("kind", "ascending"), ("key", "ascending"), ("uid", "ascending"),
+                               ("part", "ascending")])
+    cols = {name: records.column(name).to_numpy() for name in ("kind", "key", "part", "uid", "rank", "phash")}
+    same = np.r_[False, (cols["kind"][1:] == cols["kind"][:-1]) & (cols["key"][1:] == cols["key"][:-1])]
+    first = np.maximum.accumulate(np.where(same, 0, np.arange(len(same))))
+    later = np.flatnonzero(same)
+    return pa.concat_tables([_edges(kind, cols, cols, first[later][cols["kind"][later] == kind],
+                                    later[cols["kind"][later] == kind]) for kind in (SHA, URL)])
+
+
+def near_edges(records: pa.Table, radius: int, r: int) -> tuple[pa.Table, pa.Table]:
+    """Edges between corpus images whose pHashes are within the radius, and hits of corpus images
+    on evaluation images, among one bucket's band records."""
+    if records.num_rows == 0:
+        return EDGE_SCHEMA.empty_table(), HIT_SCHEMA.empty_table()
+    cols = {name: records.column(name).to_numpy() for name in ("block", "phash", "part", "uid", "rank")}
+    # Each image once (it may have several band records here), in (part, uid) order.
+    node_order = np.lexsort((cols["uid"], cols["part"]))
+    p, u = cols["part"][node_order], cols["uid"][node_order]
+    first = np.r_[True, (p[1:] != p[:-1]) | (u[1:] != u[:-1])]
+    node_of_record = np.empty(len(node_order), np.int64)
+    node_of_record[node_order] = np.cumsum(first) - 1
+    nodes = {name: cols[name][node_order][first] for name in ("phash", "part", "uid", "rank")}
+    # Identical hashes collapse to one representative first: a pile of identical images (blank,
+    # placeholder) then costs O(n), not O(n^2) comparisons.
+    reps, rep_of_node = np.unique(nodes["phash"], return_inverse=True)
+    corpus = nodes["part"] >= 0
+    by_rep = np.lexsort((~corpus, rep_of_node))  # per rep: corpus nodes first, in (part, uid) order
+    rep_sorted = rep_of_node[by_rep]
+    rep_start = np.searchsorted(rep_sorted, np.arange(len(reps)))
+    n_corpus = np.bincount(rep_of_node[corpus], minlength=len(reps))
+    first_corpus = np.where(n_corpus > 0, by_rep[np.minimum(rep_start, len(by_rep) - 1)], -1)
+    # The evaluation image of a rep: the smallest (set, index) among its members.
+    eval_nodes = np.flatnonzero(~corpus)
+    eval_of_rep = np.full(len(reps), -1, np.int64)
+    if len(eval_nodes):
+        order = eval_nodes[np.lexsort((nodes["uid"][eval_nodes], -nodes["part"][eval_nodes]))][::-1]
+        eval_of_rep[rep_of_node[order]] = order  # the last write (the smallest) wins
+
+    edges_a, edges_b, dist = [], [], []
+    # Identical hashes: a star from the first corpus image.
+    members = by_rep[n_corpus[rep_sorted] > 1]
+    members = members[corpus[members]]
+    lead = first_corpus[rep_of_node[members]]
+    edges_a.append(lead[members != lead])
+    edges_b.append(members[members != lead])
+    dist.append(np.zeros(int((members != lead).sum()), np.int32))
+    # Distinct hashes that share the r - 1 later blocks too: pairs within the radius.
+    rep_block = sorted_unique(rep_of_node[node_of_record].astype(np.int64) * 256 + cols["block"])
+    ra, rb = _band_pairs(reps, rep_block // 256, rep_block % 256, radius, r)
+    d = np.bitwise_count(reps[ra] ^ reps[rb]).astype(np.int32)
+    both = (first_corpus[ra] >= 0) & (first_corpus[rb] >= 0)
+    edges_a.append(first_corpus[ra][both])
+    edges_b.append(first_corpus[rb][both])
+    dist.append(d[both])
+    a, b = np.concatenate(edges_a).astype(np.int64), np.concatenate(edges_b).astype(np.int64)
+    edges = _edges(NEAR, nodes, nodes, a, b)
+
+    # Hits: every corpus image of a rep that has (or is within the radius of) an evaluation image.
+    hit_rep = [np.flatnonzero(eval_of_rep >= 0)]
+    hit_eval = [eval_of_rep[hit_rep[0]]]
+    hit_dist = [np.zeros(len(hit_rep[0]), np.int32)]
+    for x, y in ((ra, rb), (rb, ra)):
+        sel = (eval_of_rep[y] >= 0) & (n_corpus[x] > 0)
+        hit_rep.append(x[sel])
+        hit_eval.append(eval_of_rep[y][sel])
+        hit_dist.append(d[sel])
+    hr, he, hd = np.concatenate(hit_rep), np.concatenate(hit_eval), np.concatenate(hit_dist)
+    # Expand each rep to its corpus images.
+    counts = n_corpus[hr]
+    starts = np.repeat(rep_start[hr], counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    corpus_nodes = by_rep[starts] if len(starts) else np.zeros(0, np.int64)
+    ev = np.repeat(he, counts)
+    hits = pa.table({"part": pa.array(nodes["part"][corpus_nodes], pa.int32()), "uid": nodes["uid"][corpus_nodes],
+                     "distance": pa.array(np.repeat(hd, counts), pa.int32()),
+                     "eval_set": pa.array(-nodes["part"][ev] - 1, pa.int32()), "eval_index": nodes["uid"][ev]},
+                    schema=HIT_SCHEMA)
+    return edges, hits
+
+
+def sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy 2's hash-based unique is several times slower on big int arrays)."""
+    x = np.sort(x)
+    return x[np.r_[True, x[1:] != x[:-1]]] if len(x) else x
+
+
+def _band_pairs(reps: np.ndarray, rep: np.ndarray, block: np.ndarray, radius: int, r: int):
+    """Pairs of distinct hashes (indices into reps) within the radius that share a band key: a record
+    of block i is keyed by block i and each choice of r - 1 later blocks, one sorted table per choice.
+    Identical hashes were collapsed already, so radius 0 has nothing left to find."""
+    cuts = blocks(radius + r)
+    found_a, found_b = [], []
+    for i in np.unique(block) if radius else []:
+        mine = rep[block == i]
+        h = reps[mine]
+        for chosen in combinations(range(int(i) + 1, len(cuts)), r - 1):
+            a, b = pairs_sharing_blocks(h, [cuts[c] for c in (int(i), *chosen)])
+            close = np.bitwise_count(h[a] ^ h[b]) <= radius
+            found_a.append(mine[a[close]])
+            found_b.append(mine[b[close]])
+    if not found_a:
+        empty = np.zeros(0, np.int64)
+        return empty, empty
+    a, b = np.concatenate(found_a), np.concatenate(found_b)
+    pairs = sorted_unique(np.minimum(a, b) * len(reps) + np.maximum(a, b))  # a pair shares several keys
+    return pairs // len(reps), pairs % len(reps)
+
+
+def bucket_part(shuffle: str, bucket: int, radius: int, r: int, outputs: dict) -> dict:
+    """Step 2: one bucket's duplicate edges and evaluation hits."""
+    exact = exact_edges(read_bucket(shuffle, bucket, EXACT_SCHEMA, ".exact.parquet"))
+    near, hits = near_edges(read_bucket(shuffle, bucket, BAND_SCHEMA, ".near.parquet"), radius, r)
+    edges = pa.concat_tables([exact, near])
+    write_parquet(edges, outputs["edges"], compression="none")
+    write_parquet(hits, outputs["hits"], compression="none")
+    return {"edges": edges.num_rows, "hits": hits.num_rows}
+
+
+# --- step 3: group --------------------------------------------------------------------------------
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def group(edges: list[str], hits: list[str], eval_names: list[str], eval_ids: list[str], output: str) -> dict:
+    """Step 3: connected groups of the duplicate edges, their keepers, and every removed image's
+    decision, sorted by partition."""
+    e = pa.concat_tables([read_table(p) for p in edges]) if edges else EDGE_SCHEMA.empty_table()
+    c = {name: e.column(name).to_numpy() for name in EDGE_SCHEMA.names}
+    part = np.r_[c["a_part"], c["b_part"]]
+    uid = np.r_[c["a_uid"], c["b_uid"]]
+    rank = np.r_[c["a_rank"], c["b_rank"]]
+    phash = np.r_[c["a_phash"], c["b_phash"]]
+    # Nodes in (rank, uid, part) order: the keeper of a group is its first node.
+    order = np.lexsort((part, uid, rank))
+    new = np.r_[True, (np.diff(part[order]) != 0) | (np.diff(uid[order]) != 0)] if len(order) else np.zeros(0, bool)
+    node_of = np.empty(len(order), np.int64)
+    node_of[order] = np.cumsum(new) - 1
+    n = int(new.sum())
+    first = order[new]
+    npart, nuid, nphash = part[first], uid[first], phash[first]
+    a, b = node_of[: len(e)], node_of[len(e):]
+    comp = _components(n, a, b)
+    keeper_of_comp = np.full(comp.max() + 1 if n else 0, -1, np.int64)
+    # Nodes are in keeper order, so the first node of each component is its keeper.
+    seen = np.unique(comp, return_index=True)
+    keeper_of_comp[seen[0]] = seen[1]
+    keeper = keeper_of_comp[comp]
+    sha_class = _components(n, a[c["kind"] == SHA], b[c["kind"] == SHA])
+    url_class = _components(n, a[c["kind"] == URL], b[c["kind"] == URL])
+    removed = np.flatnonzero(keeper != np.arange(n))
+    k = keeper[removed]
+    reason = np.where(sha_class[removed] == sha_class[k], "exact_image",
+                      np.where(url_class[removed] == url_class[k], "same_url", "near_duplicate"))
+    decisions = pa.table({"part": pa.array(npart[removed], pa.int32()), "uid": u64_to_uid(nuid[removed]),
+                          "dup_of": u64_to_uid(nuid[k]), "reason": pa.array(reason, pa.string()),
+                          "distance": pa.array(np.bitwise_count(nphash[removed] ^ nphash[k]), pa.int32())},
+                         schema=DECISION_SCHEMA)
+    # Evaluation hits override: the nearest evaluation image, then the smallest (set, index).
+    h = pa.concat_tables([read_table(p) for p in hits]) if hits else HIT_SCHEMA.empty_table()
+    if h.num_rows:
+        h = h.sort_by([("part", "ascending"), ("uid", "ascending"), ("distance", "ascending"),
+                       ("eval_set", "ascending"), ("eval_index", "ascending")])
+        hp, hu = h.column("part").to_numpy(), h.column("uid").to_numpy()
+        h = h.filter(pa.array(np.r_[True, (hp[1:] != hp[:-1]) | (hu[1:] != hu[:-1])]))
+        ids = [read_table(p).column("id").to_pylist() for p in eval_ids]
+        labels = [f"{eval_names[s]}:{ids[s][i]}" for s, i in
+                  zip(h.column("eval_set").to_pylist(), h.column("eval_index").to_pylist())]
+        overlaps = pa.table({"part": h.column("part"), "uid": u64_to_uid(h.column("uid").to_numpy()),
+                             "dup_of": pa.array(labels, pa.string()),
+                             "reason": pa.array(["eval_overlap"] * h.num_rows, pa.string()),
+                             "distance": h.column("distance")}, schema=DECISION_SCHEMA)
+        hit_keys = set(zip(overlaps.column("part").to_pylist(), overlaps.column("uid").to_pylist()))
+        mask = [(p, u) not in hit_keys for p, u in zip(decisions.column("part").to_pylist(),
+                                                      decisions.column("uid").to_pylist())]
+        decisions = pa.concat_tables([decisions.filter(pa.array(mask, pa.bool_())), overlaps])
+    decisions = decisions.sort_by([("part", "ascending"), ("uid", "ascending")])
+    write_parquet(decisions, output, row_group_size=SLICE_ROW_GROUP)
+    reasons = pc.value_counts(decisions.column("reason")).to_pylist() if decisions.num_rows else []
+    return {"edges": e.num_rows, "groups": int(len(seen[0])), "removed": decisions.num_rows,
+            **{x["values"]: x["counts"] for x in reasons}}
+
+
+# --- step 4: per partition ------------------------------------------------------------------------
+
+
+def decide_part(status: str, matched: str, decisions: str, part: int, outputs: dict) -> dict:
+    t = survivors_input(status, matched)
+    d = read_slice(decisions, part, ["uid", "dup_of", "reason", "distance"])
+    index = pc.index_in(t.column("uid"), value_set=d.column("uid"))
+    keep = pc.is_null(index)
+    table = t.append_column("keep", keep)
+    for name in ("dup_of", "reason", "distance"):
+        table = table.append_column(name, d.column(name).take(index))
+    table = table.set_column(table.num_columns - 1, "distance", pc.fill_null(table.column("distance"), 0))
+    table = table.cast(DEDUP_SCHEMA)
+    write_parquet(table, outputs["dedup"])
+    write_parquet(query_counts(table.filter(keep).column("query_ids")), outputs["counts"])
+    return {"images": table.num_rows, "kept": table.num_rows - d.num_rows}
 
 
 # --- evaluation sets ------------------------------------------------------------------------------
@@ -98,128 +412,92 @@ def eval_hashes(kind: str, path: str) -> tuple[np.ndarray, list[str]]:
     return hashes[ok], [i for i, good in zip(ids, ok) if good]
 
 
-# --- the reduce -----------------------------------------------------------------------------------
-
-
-def decide(parts: list[str], radius: int, eval_sets: list[dict], out_dir: str) -> dict:
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    table = pa.concat_tables([pq.read_table(p) for p in parts])
-    table = table.filter(table.column("ok")).sort_by("uid")
-    if table.num_rows == 0:  # nothing downloaded (yet): an empty corpus, not an error
-        out = Path(out_dir)
-        write_parquet(pa.table({"uid": pa.array([], pa.string()), "sha256": pa.array([], pa.string()),
-                                "phash": pa.array([], pa.uint64()), "keep": pa.array([], pa.bool_()),
-                                "dup_of": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
-                                "distance": pa.array([], pa.int32())}), out / "dedup.parquet")
-        write_parquet(pa.table({"query_id": pa.array([], pa.int32()), "count": pa.array([], pa.int64())}),
-                      out / "query_counts.parquet")
-        return {"images": 0, "kept": 0}
-    n = table.num_rows
-    uids = table.column("uid").to_pylist()
-    hashes = table.column("phash").to_numpy()
-    nq = pc.list_value_length(table.column("query_ids")).to_numpy(zero_copy_only=False)
-    area = (table.column("width").to_numpy(zero_copy_only=False).astype(np.int64)
-            * table.column("height").to_numpy(zero_copy_only=False))
-
-    # Edges: equal sha256, equal URL, pHash within the radius.
-    edges_i, edges_j = [], []
-    for column in ("sha256", "url"):
-        codes = pc.dictionary_encode(table.column(column)).combine_chunks().indices.to_numpy()
-        order = np.argsort(codes, kind="stable")
-        same = codes[order][1:] == codes[order][:-1]
-        edges_i.append(order[:-1][same])
-        edges_j.append(order[1:][same])
-    ni, nj, _ = near_duplicate_pairs(hashes, radius)
-    edges_i.append(ni)
-    edges_j.append(nj)
-    i = np.concatenate(edges_i)
-    j = np.concatenate(edges_j)
-    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
-    _, group = connected_components(graph, directed=False)
-
-    # The keeper of each group: most queries, then the larger image, then the smallest uid (uids are
-    # sorted, so the row index breaks the last tie).
-    rank = np.lexsort((np.arange(n), -area, -nq, group))
-    first = np.r_[True, group[rank][1:] != group[rank][:-1]]
-    keeper_of_group = np.empty(group.max() + 1, np.int64)
-    keeper_of_group[group[rank][first]] = rank[first]
-    keeper = keeper_of_group[group]
-
-    sha = table.column("sha256").to_pylist()
-    urls = table.column("url").to_pylist()
-    keep = keeper == np.arange(n)
-    dup_of = [None if keep[r] else uids[keeper[r]] for r in range(n)]
-    reason = [None if keep[r] else ("exact_image" if sha[r] == sha[keeper[r]] else
-                                    "same_url" if urls[r] == urls[keeper[r]] else "near_duplicate")
-              for r in range(n)]
-    distance = np.where(keep, 0, np.bitwise_count(hashes ^ hashes[keeper])).astype(np.int32)
-
-    overlaps = 0
-    for spec in eval_sets:
-        ehashes, eids = eval_hashes(spec["kind"], spec["path"])
-        both = np.concatenate([hashes, ehashes])
-        a, b, d = near_duplicate_pairs(both, radius)
-        cross = (a < n) & (b >= n)
-        for r, e, dist in zip(a[cross], b[cross], d[cross]):
-            if reason[r] != "eval_overlap":
-                overlaps += 1
-                keep[r] = False
-                reason[r] = "eval_overlap"
-                dup_of[r] = f"{spec['name']}:{eids[e - n]}"
-                distance[r] = dist
-
-    out = Path(out_dir)
-    write_parquet(pa.table({
-        "uid": uids, "sha256": table.column("sha256"), "phash": table.column("phash"),
-        "keep": pa.array(keep), "dup_of": pa.array(dup_of, pa.string()),
-        "reason": pa.array(reason, pa.string()), "distance": pa.array(distance, pa.int32()),
-    }), out / "dedup.parquet")
-    survivors = table.filter(pa.array(keep)).column("query_ids")
-    flat = pc.list_flatten(survivors).to_numpy(zero_copy_only=False)
-    counts = np.bincount(flat) if len(flat) else np.zeros(0, np.int64)
-    nz = np.flatnonzero(counts)
-    write_parquet(pa.table({"query_id": pa.array(nz, pa.int32()), "count": pa.array(counts[nz], pa.int64())}),
-                  out / "query_counts.parquet")
-    reasons: dict[str, int] = {}
-    for r in reason:
-        if r:
-            reasons[r] = reasons.get(r, 0) + 1
-    return {"images": n, "kept": int(keep.sum()), **reasons}
+# --- the stage ------------------------------------------------------------------------------------
 
 
 class DedupStage(Stage):
     name = "dedup"
+    upstream = "download"
 
-    def tasks(self, run: Run) -> list[Task]:
-        out = run.stage_dir(self.name)
-        tasks = []
-        for t in DownloadStage().tasks(run):
-            output = str(out / "hashes" / f"part-{t.key}.parquet")
-            tasks.append(Task(
-                stage=self.name, key=t.key, func=hash_part,
-                kwargs={"status": t.outputs[0], "images": t.outputs[1], "matched": t.kwargs["matched"],
-                        "output": output},
-                outputs=[output], marker=str(run.marker_path(self.name, t.key)),
-                inputs={"version": VERSION, "upstream": t.fingerprint}, weight=t.weight))
-        return tasks
-
-    def reduce_task(self, run: Run, tasks: list[Task]) -> Task | None:
-        if not tasks:
-            return None
+    def plan(self, run: Run):
+        up = self.upstream_manifest(run)
         d = run.recipe.dedup
+        out = run.stage_dir(self.name)
+        images = sum(p["info"].get("success", 0) for p in up.partitions)
+        r = band_r(images, d.radius)
+        buckets = d.buckets or max(1, -(-images * (d.radius + 1) // RECORDS_PER_BUCKET))
         eval_sets = [{"name": e.name, "kind": e.kind, "path": str(run.recipe.path(e.path))} for e in d.eval_sets]
         identities = []
         for e in eval_sets:
             p = Path(e["path"])
             files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
             identities.append([file_identity(f) for f in files if f.exists()])
-        out = run.stage_dir(self.name)
-        return Task(stage=self.name, key="_reduce", func=decide,
-                    kwargs={"parts": [t.outputs[0] for t in tasks], "radius": d.radius,
-                            "eval_sets": eval_sets, "out_dir": str(out)},
-                    outputs=[str(out / "dedup.parquet"), str(out / "query_counts.parquet")],
-                    marker=str(run.marker_path(self.name, "_reduce")),
-                    inputs={"version": VERSION, "parts": [t.fingerprint for t in tasks],
-                            "radius": d.radius, "eval": eval_sets, "eval_files": identities})
+        settings = {"version": VERSION, "radius": d.radius, "r": r, "buckets": buckets}
+        namespace = fingerprint({**settings, "upstream": up.fingerprint, "eval": eval_sets,
+                                 "eval_files": identities})[:12]
+        if (done := completed(run, self.name, namespace)) is not None:
+            return done
+        shuffle = out / "_shuffle" / namespace
+        common = {"radius": d.radius, "r": r, "buckets": buckets, "shuffle": str(shuffle / "records")}
+        maps = [Task(stage=self.name, key=part["key"], func=map_part,
+                     kwargs={"status": part["files"]["status"], "matched": part["files"]["matched"],
+                             "part": index, **common},
+                     outputs=[], marker=str(run.marker_path(self.name, part["key"])),
+                     receipt=str(shuffle / "_done" / part["key"]),
+                     inputs={**settings, "upstream": part["fingerprint"], "part": index, "shuffle": namespace},
+                     weight=part["info"].get("success", 1) or 1)
+                for index, part in enumerate(up.partitions)]
+        maps += [Task(stage=self.name, key=f"_eval-{i:03d}", func=map_eval,
+                      kwargs={"index": i, "kind": e["kind"], "path": e["path"], **common,
+                              "ids_output": str(shuffle / "eval" / f"{i:03d}.parquet")},
+                      outputs=[str(shuffle / "eval" / f"{i:03d}.parquet")],
+                      marker=str(run.marker_path(self.name, f"_eval-{i:03d}")),
+                      inputs={**settings, "eval": e, "files": identities[i], "shuffle": namespace})
+                 for i, e in enumerate(eval_sets)]
+        yield maps
+        mapped = combined_fingerprint(maps)
+        bucket_tasks = []
+        for b in range(buckets):
+            outputs = {"edges": str(bucket_folder(shuffle / "edges", b)) + ".parquet",
+                       "hits": str(bucket_folder(shuffle / "hits", b)) + ".parquet"}
+            bucket_tasks.append(Task(
+                stage=self.name, key=f"_bucket-{b:05d}", func=bucket_part,
+                kwargs={"shuffle": common["shuffle"], "bucket": b, "radius": d.radius, "r": r, "outputs": outputs},
+                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, f"_bucket-{b:05d}")),
+                inputs={"maps": mapped, "bucket": b}))
+        yield bucket_tasks
+        decisions = str(out / "decisions.parquet")
+        grouping = Task(stage=self.name, key="_group", func=group,
+                        kwargs={"edges": [t.kwargs["outputs"]["edges"] for t in bucket_tasks],
+                                "hits": [t.kwargs["outputs"]["hits"] for t in bucket_tasks],
+                                "eval_names": [e["name"] for e in eval_sets],
+                                "eval_ids": [t.outputs[0] for t in maps[len(up.partitions):]],
+                                "output": decisions},
+                        outputs=[decisions], marker=str(run.marker_path(self.name, "_group")),
+                        inputs={"buckets": combined_fingerprint(bucket_tasks)})
+        yield [grouping]
+        writes = []
+        for index, part in enumerate(up.partitions):
+            key = part["key"]
+            outputs = {"dedup": str(out / f"part-{key}.parquet"), "counts": str(out / "counts" / f"part-{key}.parquet")}
+            writes.append(Task(
+                stage=self.name, key=f"{key}.decide", func=decide_part,
+                kwargs={"status": part["files"]["status"], "matched": part["files"]["matched"],
+                        "decisions": decisions, "part": index, "outputs": outputs},
+                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, f"{key}.decide")),
+                inputs={"version": VERSION, "upstream": part["fingerprint"], "group": grouping.fingerprint,
+                        "part": index},
+                weight=part["info"].get("success", 1) or 1))
+        yield writes
+        total = str(out / "query_counts.parquet")
+        reduce = sum_counts_task(self.name, run, writes, total)
+        yield [reduce]
+        infos = step_info(writes)
+        return Manifest(self.name, [partition_entry(t, {**p["files"], **t.kwargs["outputs"]},
+                                                    {"images": i.get("images", 0), "kept": i.get("kept", 0)},
+                                                    key=p["key"])
+                                    for t, p, i in zip(writes, up.partitions, infos)],
+                        {"counts": total, "queries": up.outputs["queries"],
+                         "queries_fingerprint": up.outputs["queries_fingerprint"]},
+                        fingerprint([combined_fingerprint(writes), reduce.fingerprint]),
+                        plan=namespace, scratch=[str(out / "_shuffle")])

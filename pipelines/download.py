@@ -18,7 +18,6 @@ retryable reason are fetched again in later passes; `attempts` says how many wer
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import re
@@ -29,14 +28,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from wit_builder.runner import Stage, Task
-from wit_builder.workspace import Run, file_identity, write_parquet
+from wit_builder.runner import Manifest, Stage, Task, partition_entry, step_info
+from wit_builder.workspace import Run, file_identity, parquet_writer, read_table, write_parquet
 
 from .egress import EgressProxy, Policy
-from .match import MatchStage
+from .phash import phash_bytes
+from .sampling import keep_rows, read_counts
 
 log = logging.getLogger("wit")
 VERSION = 1
@@ -45,7 +43,7 @@ STATUS_SCHEMA = pa.schema([
     ("uid", pa.string()), ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
     ("error_message", pa.string()), ("http_status", pa.int32()), ("attempts", pa.int32()),
     ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
-    ("original_height", pa.int32()), ("sha256", pa.string()), ("bytes", pa.int64()),
+    ("original_height", pa.int32()), ("sha256", pa.string()), ("phash", pa.uint64()), ("bytes", pa.int64()),
 ])
 IMAGES_SCHEMA = pa.schema([("uid", pa.string()), ("sha256", pa.string()), ("image", pa.binary())])
 RETRYABLE = {"timeout", "connection_error", "deadline", "upstream_error", "host_busy", "host_rate_limited",
@@ -133,8 +131,8 @@ def output_to(path: Path):
             os.close(saved[1])
 
 
-def run_img2dataset(rows: pa.Table, folder: Path, s: dict) -> pa.Table:
-    """One img2dataset pass over (uid, url, text) rows; returns its output rows."""
+def run_img2dataset(rows: pa.Table, folder: Path, s: dict):
+    """One img2dataset pass over (uid, url, text) rows; yields its output shards, one at a time."""
     import img2dataset
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -160,36 +158,18 @@ def run_img2dataset(rows: pa.Table, folder: Path, s: dict) -> pa.Table:
     expected = -(-rows.num_rows // s["samples_per_shard"])
     if len(shards) != expected:  # img2dataset does not raise when a shard fails
         raise RuntimeError(f"img2dataset wrote {len(shards)} of {expected} shards in {out}")
-    return pa.concat_tables([pq.read_table(p) for p in shards])
-
-
-def decodes(data: bytes) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-        return True
-    except Exception:
-        return False
+    return (read_table(p) for p in shards)
 
 
 def pre_cap(rows: pa.Table, counts: str, cap: float, seed: int) -> np.ndarray:
     """The pre-download cap: balancing's rule at t * oversample, on the text-level match counts."""
-    from .balance import keep_mask, uid_to_u64
-
-    table = pq.read_table(counts)
-    by_query = np.zeros(int(pc.max(table.column("query_id")).as_py() or 0) + 1, np.int64)
-    by_query[table.column("query_id").to_numpy()] = table.column("count").to_numpy()
-    qids = rows.column("query_ids").combine_chunks()
-    return keep_mask(uid_to_u64(rows.column("uid").to_pylist()), qids.offsets.to_numpy(),
-                     qids.flatten().to_numpy(), by_query, cap, seed)
+    return keep_rows(rows.column("uid"), rows.column("query_ids"), read_counts(counts), cap, seed)
 
 
 def download_part(matched: str, settings: dict, work: str, outputs: dict, counts: str = "",
                   cap: float = 0, seed: int = 0) -> dict:
     s = settings
-    rows = pq.read_table(matched, columns=["uid", "url", "text", "query_ids"])
+    rows = read_table(matched, columns=["uid", "url", "text", "query_ids"])
     uids, urls = rows.column("uid").to_pylist(), rows.column("url").to_pylist()
     records: dict[str, dict] = {}
     if cap and rows.num_rows:
@@ -208,10 +188,12 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
         from .miniweb import MiniWeb
 
         web = MiniWeb(s["replay"])
-    images: dict[str, bytes] = {}
     resumed = 0
-    reencoded = s["resize_mode"] != "no"
-    with web as mini:
+    # Images stream out one img2dataset shard at a time, so memory stays at one shard's images
+    # however big the partition. Rows within a shard are put in input order: img2dataset writes
+    # them in the order its threads finish.
+    position = {u: i for i, u in enumerate(uids)}
+    with web as mini, parquet_writer(outputs["images"], IMAGES_SCHEMA) as images:
         policy = Policy(allow_loopback=s["allow_loopback"], deadline_s=s["deadline_s"],
                         max_bytes=s["max_bytes"], per_host_connections=s["per_host_connections"],
                         per_host_rps=s["per_host_rps"], route=mini.address if mini else None)
@@ -223,30 +205,16 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
                     time.sleep(s["retry_delay_s"])
                 folder = Path(work) / f"pass-{attempt}"
                 resumed += len(list((folder / "out").glob("*_stats.json")))  # shards a killed run finished
-                result = run_img2dataset(pending, folder, s)
-                for r in result.to_pylist():
-                    status, reason, http_status = classify(r["status"], r["error_message"])
-                    image = r.get(s["encode_format"])
-                    # Re-encoded images were decoded by img2dataset already; check the others.
-                    if status == "success" and not (image and (reencoded or decodes(image))):
-                        status, reason = "failed", "undecodable"
-                    rec = {"status": status, "reason": reason, "http_status": http_status,
-                           "error_message": r["error_message"], "attempts": attempt}
-                    if status == "success":
-                        rec.update(width=r["width"], height=r["height"], sha256=r["sha256"],
-                                   original_width=r["original_width"],
-                                   original_height=r["original_height"], bytes=len(image))
-                        images[r["uid"]] = image
-                    records[r["uid"]] = rec
+                for shard in run_img2dataset(pending, folder, s):
+                    shard = shard.take(pa.array(np.argsort([position[u] for u in shard.column("uid").to_pylist()],
+                                                            kind="stable")))
+                    keep_image(shard, attempt, s["encode_format"], records, images)
                 retry = [records.get(u, {}).get("reason") in RETRYABLE for u in pending.column("uid").to_pylist()]
                 pending = pending.filter(pa.array(retry, pa.bool_()))
 
     status_rows = [{"uid": u, "url": url, **records.get(u, {"status": "failed", "reason": "missing"})}
                    for u, url in zip(uids, urls)]
     write_parquet(pa.Table.from_pylist(status_rows, schema=STATUS_SCHEMA), outputs["status"])
-    kept = [u for u in uids if u in images]
-    write_parquet(pa.table({"uid": kept, "sha256": [records[u]["sha256"] for u in kept],
-                            "image": [images[u] for u in kept]}, schema=IMAGES_SCHEMA), outputs["images"])
     shutil.rmtree(work, ignore_errors=True)
     with contextlib.suppress(OSError):
         Path(work).parent.rmdir()  # the _work folder, once no partition is under way
@@ -256,31 +224,61 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
     return {"samples": len(status_rows), "resumed_shards": resumed, **by_status}
 
 
+def keep_image(shard: pa.Table, attempt: int, encode_format: str, records: dict, images) -> None:
+    """Record the outcome of every sample of one img2dataset shard, and write its good images (with
+    their pHash: a successful image is one that decodes) to the images file."""
+    rows = shard.to_pylist()
+    blobs = [r.get(encode_format) if r["status"] == "success" else None for r in rows]
+    hashes, ok = phash_bytes([b or b"" for b in blobs])
+    kept = []
+    for r, image, phash, good in zip(rows, blobs, hashes, ok):
+        status, reason, http_status = classify(r["status"], r["error_message"])
+        if status == "success" and not (image and good):
+            status, reason = "failed", "undecodable"
+        rec = {"status": status, "reason": reason, "http_status": http_status,
+               "error_message": r["error_message"], "attempts": attempt}
+        if status == "success":
+            rec.update(width=r["width"], height=r["height"], sha256=r["sha256"], phash=int(phash),
+                       original_width=r["original_width"], original_height=r["original_height"],
+                       bytes=len(image))
+            kept.append((r["uid"], r["sha256"], image))
+        records[r["uid"]] = rec
+    if kept:
+        uid, sha, image = zip(*kept)
+        images.write_table(pa.table({"uid": uid, "sha256": sha, "image": image}, schema=IMAGES_SCHEMA))
+
+
 class DownloadStage(Stage):
     name = "download"
+    upstream = "match"
 
-    def tasks(self, run: Run) -> list[Task]:
+    def plan(self, run: Run):
+        up = self.upstream_manifest(run)
         settings = run.recipe.download.model_dump(mode="json")
         settings["replay"] = run.recipe.paths(run.recipe.download.replay, "download.replay")
+        replay = [file_identity(p) for p in settings["replay"]]
         out = run.stage_dir(self.name)
-        match = MatchStage()
-        upstream = match.tasks(run)
-        counts = match.reduce_task(run, upstream)
         b = run.recipe.balance
         cap = b.t * b.oversample
         tasks = []
-        for t in upstream:
-            outputs = {"status": str(out / f"part-{t.key}.parquet"),
-                       "images": str(out / "images" / f"part-{t.key}.parquet")}
+        for part in up.partitions:
+            key = part["key"]
+            outputs = {"status": str(out / f"part-{key}.parquet"),
+                       "images": str(out / "images" / f"part-{key}.parquet")}
             tasks.append(Task(
-                stage=self.name, key=t.key, func=download_part,
-                kwargs={"matched": t.kwargs["outputs"]["matched"], "settings": settings,
-                        "work": str(out / "_work" / t.key), "outputs": outputs,
-                        "counts": counts.outputs[0], "cap": cap, "seed": run.recipe.run.seed},
-                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, t.key)),
-                inputs={"version": VERSION, "upstream": t.fingerprint, "settings": settings,
-                        "replay": [file_identity(p) for p in settings["replay"]],
-                        "counts": counts.fingerprint, "cap": cap, "seed": run.recipe.run.seed},
-                weight=t.weight,
+                stage=self.name, key=key, func=download_part,
+                kwargs={"matched": part["files"]["matched"], "settings": settings,
+                        "work": str(out / "_work" / key), "outputs": outputs,
+                        "counts": up.outputs["counts"], "cap": cap, "seed": run.recipe.run.seed},
+                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, key)),
+                inputs={"version": VERSION, "upstream": part["fingerprint"], "settings": settings,
+                        "replay": replay, "counts": up.fingerprint if cap else None, "cap": cap,
+                        "seed": run.recipe.run.seed},
+                weight=part["info"].get("matched", 1) or 1,
             ))
-        return tasks
+        yield tasks
+        infos = step_info(tasks)
+        return Manifest(self.name, [partition_entry(t, {**p["files"], **t.kwargs["outputs"]},
+                                                    {"success": i.get("success", 0)})
+                                    for t, p, i in zip(tasks, up.partitions, infos)],
+                        {k: up.outputs[k] for k in ("queries", "queries_fingerprint")})

@@ -10,12 +10,9 @@ from functools import lru_cache
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from wit_builder.runner import Stage, Task
-from wit_builder.workspace import Run, write_parquet
-
-from .candidates import CandidatesStage
+from wit_builder.runner import Manifest, Stage, Task, partition_entry
+from wit_builder.shuffle import read_slice
+from wit_builder.workspace import Run, read_table, write_parquet
 
 VERSION = 1
 FILTERED_SCHEMA = pa.schema([("uid", pa.string()), ("ok", pa.bool_()), ("reason", pa.string()),
@@ -74,11 +71,12 @@ def judge(text: str, s: dict, boilerplate: frozenset) -> tuple[str | None, str]:
     return None, text
 
 
-def filter_part(candidates: str, duplicates: str, part: int, settings: dict, output: str) -> dict:
-    table = pq.read_table(candidates, columns=["uid", "text"])
-    dups = pq.read_table(duplicates, columns=["part", "row", "reason"],
-                         filters=[("part", "=", part)]).to_pydict()
-    dup_reason = dict(zip(dups["row"], dups["reason"]))
+def filter_part(candidates: str, duplicates: list[str], part: int, settings: dict, output: str) -> dict:
+    table = read_table(candidates, columns=["uid", "text"])
+    dup_reason = {}
+    for path in duplicates:
+        dups = read_slice(path, part, ["row", "reason"]).to_pydict()
+        dup_reason.update(zip(dups["row"], dups["reason"]))
     boilerplate = frozenset(b.lower().strip(_EDGE_PUNCT) for b in settings["boilerplate"])
     reasons, texts = [], []
     for row, text in enumerate(table.column("text").to_pylist()):
@@ -95,19 +93,23 @@ def filter_part(candidates: str, duplicates: str, part: int, settings: dict, out
 
 class FilterStage(Stage):
     name = "filter"
+    upstream = "candidates"
 
-    def tasks(self, run: Run) -> list[Task]:
-        upstream = CandidatesStage()
-        parts = upstream.tasks(run)
-        reduce = upstream.reduce_task(run, parts)
+    def plan(self, run: Run):
+        up = self.upstream_manifest(run)
         settings = run.recipe.filter.model_dump(mode="json")
         out = run.stage_dir("filtered")
-        return [Task(
-            stage=self.name, key=t.key, func=filter_part,
-            kwargs={"candidates": t.kwargs["outputs"]["candidates"], "duplicates": reduce.outputs[0],
-                    "part": i, "settings": settings, "output": str(out / f"part-{t.key}.parquet")},
-            outputs=[str(out / f"part-{t.key}.parquet")], marker=str(run.marker_path(self.name, t.key)),
-            inputs={"version": VERSION, "upstream": t.fingerprint, "duplicates": reduce.fingerprint,
-                    "settings": settings},
-            weight=t.weight,
-        ) for i, t in enumerate(parts)]
+        tasks = []
+        for index, part in enumerate(up.partitions):
+            output = str(out / f"part-{part['key']}.parquet")
+            tasks.append(Task(
+                stage=self.name, key=part["key"], func=filter_part,
+                kwargs={"candidates": part["files"]["candidates"], "duplicates": up.outputs["duplicates"],
+                        "part": index, "settings": settings, "output": output},
+                outputs=[output], marker=str(run.marker_path(self.name, part["key"])),
+                inputs={"version": VERSION, "upstream": part["fingerprint"], "duplicates": up.fingerprint,
+                        "settings": settings},
+                weight=part["info"].get("candidates", 1) or 1))
+        yield tasks
+        return Manifest(self.name, [partition_entry(t, {**p["files"], "filtered": t.outputs[0]})
+                                    for t, p in zip(tasks, up.partitions)])

@@ -8,24 +8,23 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wit_builder.errors import WitError
-from wit_builder.runner import Stage, Task
-from wit_builder.workspace import Run, write_parquet
+from wit_builder.runner import Manifest, Stage, Task, partition_entry, read_manifest, step_info
+from wit_builder.workspace import Run, read_table, write_parquet
 
-from .filter import FilterStage
 from .matcher import QueryMatcher
+from .sampling import query_counts, sum_counts_task
 
 VERSION = 1
 COUNTS_SCHEMA = pa.schema([("query_id", pa.int32()), ("count", pa.int64())])
 
 
 @lru_cache(maxsize=2)
-def matcher_for(queries_path: str, mode: str, stamp: int) -> QueryMatcher:
+def matcher_for(queries_path: str, mode: str, stamp: str) -> QueryMatcher:
     """One automaton per worker process, rebuilt only when the query list changes (`stamp`)."""
     table = pq.read_table(queries_path, columns=["query_id", "query", "count"])
     if table.column("query_id").to_pylist() != list(range(table.num_rows)):
@@ -33,11 +32,11 @@ def matcher_for(queries_path: str, mode: str, stamp: int) -> QueryMatcher:
     return QueryMatcher(table.column("query").to_pylist(), mode, table.column("count").to_pylist())
 
 
-def match_part(candidates: str, filtered: str, queries: str, stamp: int, mode: str, batch_size: int,
+def match_part(candidates: str, filtered: str, queries: str, stamp: str, mode: str, batch_size: int,
                outputs: dict) -> dict:
     matcher = matcher_for(queries, mode, stamp)
-    cand = pq.read_table(candidates, columns=["uid", "url", "page_url"])
-    filt = pq.read_table(filtered, columns=["ok", "text"])
+    cand = read_table(candidates, columns=["uid", "url", "page_url"])
+    filt = read_table(filtered, columns=["ok", "text"])
     keep = filt.column("ok")
     rows = pa.table({"uid": cand.column("uid"), "url": cand.column("url"),
                      "text": filt.column("text"), "page_url": cand.column("page_url")}).filter(keep)
@@ -46,60 +45,44 @@ def match_part(candidates: str, filtered: str, queries: str, stamp: int, mode: s
     ids = pa.concat_arrays(batches) if batches else pa.array([], pa.list_(pa.int32()))
     matched = rows.append_column("query_ids", ids).filter(pc.greater(pc.list_value_length(ids), 0))
     write_parquet(matched, outputs["matched"])
-    flat = pc.list_flatten(matched.column("query_ids")).to_numpy(zero_copy_only=False)
-    counts = np.bincount(flat, minlength=0) if len(flat) else np.zeros(0, np.int64)
-    nz = np.flatnonzero(counts)
-    write_parquet(pa.table({"query_id": pa.array(nz, pa.int32()), "count": pa.array(counts[nz], pa.int64())},
-                           schema=COUNTS_SCHEMA), outputs["counts"])
+    write_parquet(query_counts(matched.column("query_ids")).cast(COUNTS_SCHEMA), outputs["counts"])
     return {"filtered_ok": rows.num_rows, "matched": matched.num_rows,
             "automaton_build_s": round(matcher.build_seconds, 2)}
 
 
+def query_list(run: Run, needed_by: str) -> tuple[str, str]:
+    """The completed query list's path and fingerprint."""
+    manifest = read_manifest(run, "queries", needed_by=needed_by)
+    return manifest.outputs["reduce"][0], manifest.fingerprint
+
+
 class MatchStage(Stage):
     name = "match"
+    upstream = "filter"
 
-    def tasks(self, run: Run) -> list[Task]:
-        upstream = FilterStage().tasks(run)
-        queries = run.stage_dir("queries") / "queries.parquet"
-        if upstream and not queries.exists():
-            raise WitError("no query list yet: run the queries stage first", where=str(queries))
-        qmarker = run.read_marker("queries", "_reduce") or {}
-        stamp = queries.stat().st_mtime_ns if queries.exists() else 0
+    def plan(self, run: Run):
+        up = self.upstream_manifest(run)
+        queries, stamp = query_list(run, self.name)
         m = run.recipe.match
         out = run.stage_dir("matched")
         tasks = []
-        for t in upstream:
-            outputs = {"matched": str(out / f"part-{t.key}.parquet"),
-                       "counts": str(out / "counts" / f"part-{t.key}.parquet")}
+        for part in up.partitions:
+            outputs = {"matched": str(out / f"part-{part['key']}.parquet"),
+                       "counts": str(out / "counts" / f"part-{part['key']}.parquet")}
             tasks.append(Task(
-                stage=self.name, key=t.key, func=match_part,
-                kwargs={"candidates": t.kwargs["candidates"], "filtered": t.outputs[0],
-                        "queries": str(queries), "stamp": stamp, "mode": m.mode,
-                        "batch_size": m.batch_size, "outputs": outputs},
-                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, t.key)),
-                inputs={"version": VERSION, "upstream": t.fingerprint, "mode": m.mode,
-                        "queries": qmarker.get("fingerprint", stamp)},
-                weight=t.weight,
-            ))
-        return tasks
-
-    def reduce_task(self, run: Run, tasks: list[Task]) -> Task | None:
-        if not tasks:
-            return None
-        out = run.stage_dir("matched") / "query_counts.parquet"
-        return Task(stage=self.name, key="_reduce", func=sum_counts,
-                    kwargs={"parts": [t.kwargs["outputs"]["counts"] for t in tasks], "output": str(out)},
-                    outputs=[str(out)], marker=str(run.marker_path(self.name, "_reduce")),
-                    inputs={"version": VERSION, "parts": [t.fingerprint for t in tasks]})
-
-
-def sum_counts(parts: list[str], output: str) -> dict:
-    """Pairs per query over all partitions: what the pre-download cap needs."""
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute("CREATE TABLE c AS SELECT query_id, sum(count)::BIGINT AS count FROM read_parquet($p) "
-                "GROUP BY 1 ORDER BY 1", {"p": parts})
-    table = con.sql("SELECT * FROM c ORDER BY query_id").to_arrow_table()
-    write_parquet(table.cast(COUNTS_SCHEMA), output)
-    return {"queries": table.num_rows}
+                stage=self.name, key=part["key"], func=match_part,
+                kwargs={"candidates": part["files"]["candidates"], "filtered": part["files"]["filtered"],
+                        "queries": queries, "stamp": stamp, "mode": m.mode, "batch_size": m.batch_size,
+                        "outputs": outputs},
+                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, part["key"])),
+                inputs={"version": VERSION, "upstream": part["fingerprint"], "mode": m.mode, "queries": stamp},
+                weight=part["info"].get("candidates", 1) or 1))
+        yield tasks
+        total = str(out / "query_counts.parquet")
+        reduce = sum_counts_task(self.name, run, tasks, total)
+        yield [reduce]
+        infos = step_info(tasks)
+        return Manifest(self.name, [partition_entry(t, {**p["files"], **t.kwargs["outputs"]},
+                                                    {"matched": i.get("matched", 0)})
+                                    for t, p, i in zip(tasks, up.partitions, infos)],
+                        {"counts": total, "queries": queries, "queries_fingerprint": stamp})

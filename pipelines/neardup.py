@@ -15,7 +15,7 @@ from itertools import combinations
 import numpy as np
 
 
-def _blocks(m: int) -> list[tuple[int, int]]:
+def blocks(m: int) -> list[tuple[int, int]]:
     """(shift, width) of m contiguous blocks covering 64 bits."""
     widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
     out, shift = [], 64
@@ -25,7 +25,7 @@ def _blocks(m: int) -> list[tuple[int, int]]:
     return out
 
 
-def _pairs_within_runs(order: np.ndarray, keys_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pairs_within_runs(order: np.ndarray, keys_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All index pairs (into the unsorted array) whose keys are equal."""
     starts = np.flatnonzero(np.r_[True, keys_sorted[1:] != keys_sorted[:-1]])
     lengths = np.diff(np.r_[starts, len(keys_sorted)])
@@ -48,6 +48,24 @@ def _pairs_within_runs(order: np.ndarray, keys_sorted: np.ndarray) -> tuple[np.n
     return order[base + a], order[base + b]
 
 
+def pairs_sharing_blocks(hashes: np.ndarray, chosen) -> tuple[np.ndarray, np.ndarray]:
+    """All index pairs of hashes that agree exactly on the chosen (shift, width) blocks."""
+    n = len(hashes)
+    key, key_bits = np.zeros(n, np.uint64), 0
+    for shift, width in chosen:
+        key = (key << np.uint64(width)) | ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1))
+        key_bits += width
+    index_bits = max(int(n - 1).bit_length(), 1)
+    if key_bits + index_bits <= 64:  # sort key and index packed in one word: faster than argsort
+        packed = np.sort((key << np.uint64(index_bits)) | np.arange(n, dtype=np.uint64))
+        order = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
+        keys_sorted = packed >> np.uint64(index_bits)
+    else:
+        order = np.argsort(key, kind="stable")
+        keys_sorted = key[order]
+    return pairs_within_runs(order, keys_sorted)
+
+
 def near_duplicate_pairs(hashes: np.ndarray, k: int, r: int | None = None
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, distance) for every pair i < j with Hamming distance <= k."""
@@ -56,21 +74,9 @@ def near_duplicate_pairs(hashes: np.ndarray, k: int, r: int | None = None
     if r is None:
         r = 2 if n <= 1_500_000 else 3
     r = min(r, k + 1) if k else 1
-    index_bits = max(int(n - 1).bit_length(), 1)
     found_i, found_j = [], []
-    for chosen in combinations(_blocks(k + r), r):
-        key = np.zeros(n, np.uint64)
-        for shift, width in chosen:
-            key = (key << np.uint64(width)) | ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1))
-        key_bits = sum(w for _, w in chosen)
-        if key_bits + index_bits <= 64:  # sort key and index packed in one word: faster than argsort
-            packed = np.sort((key << np.uint64(index_bits)) | np.arange(n, dtype=np.uint64))
-            order = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
-            keys_sorted = packed >> np.uint64(index_bits)
-        else:
-            order = np.argsort(key, kind="stable")
-            keys_sorted = key[order]
-        i, j = _pairs_within_runs(order, keys_sorted)
+    for chosen in combinations(blocks(k + r), r):
+        i, j = pairs_sharing_blocks(hashes, chosen)
         if len(i):
             close = np.bitwise_count(hashes[i] ^ hashes[j]) <= k
             found_i.append(i[close])

@@ -3,200 +3,201 @@
 Each sample is `{key}.jpg` (or the stored encoding), `{key}.txt` (the caption) and `{key}.json` (uid,
 url, page_url, query ids and strings, width, height, sha256, phash, origin). The order across all
 shards is a hash of (uid, seed), so a trainer reading shards in sequence still sees mixed queries, and
-the same recipe gives the same shards. A shard closes at `samples_per_shard` samples or
-`max_shard_mb`, whichever comes first. Beside the tars: `sizes.json` (open_clip's convention),
-`shards.parquet` (uid -> shard, for DuckDB) and `wids.json` (a wids shard index).
+the same recipe gives the same shards.
 
-Tars are written with ustar headers from the standard library's tarfile and plain writes for the data,
-to a temporary name that is renamed into place, so a shard killed mid-write never looks complete.
+A shuffle, so that every image byte is read once and written once:
+1. Scatter, per balanced partition: the kept samples, image bytes included, go to S buckets by their
+   rank (the hash of uid and seed). Buckets cut the rank range in order, so bucket 0 holds the
+   smallest ranks, and the buckets in order are the global order.
+2. One task per bucket: order its samples by rank and cut them into n equal shards, numbered
+   b * n ... b * n + n - 1. S and n are planned from the kept counts in balance's manifest: n so that
+   a shard holds at most about `samples_per_shard` samples and `max_shard_mb`.
+3. The index: `sizes.json` (open_clip's convention), `shards.parquet` (uid -> shard, for DuckDB) and
+   `wids.json` (a wids shard index).
 """
 
 from __future__ import annotations
 
 import json
-import re
-import tarfile
+import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from wit_builder.runner import Stage, Task, is_complete
-from wit_builder.workspace import Run, atomic_path, atomic_write_bytes, write_parquet
+from wit_builder.ids import fingerprint
+from wit_builder.runner import Manifest, Stage, Task, combined_fingerprint, completed, partition_entry
+from wit_builder.shuffle import bucket_folder, bucket_of, read_bucket, scatter, splitmix64, uid_to_u64
+from wit_builder.tar import safe_key, write_shard
+from wit_builder.workspace import Run, atomic_write_bytes, parquet_file, parquet_writer, read_table
 
-from .balance import BalanceStage, splitmix64, uid_to_u64
+VERSION = 2
+BUCKET_BYTES = 256 << 20  # a bucket task holds its bucket in memory to order it
+CHUNK_BYTES = 128 << 20  # a scatter task holds this much image data at a time
+SAMPLE_OVERHEAD = 2048  # three tar headers, padding, the caption and the json, roughly
 
-VERSION = 1
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-def safe_key(key: str) -> str:
-    """A member-name stem with no path separators, no '..' and no leading dot."""
-    key = _UNSAFE.sub("_", key).lstrip("._-")
-    return key or "sample"
-
-
-def _template() -> bytes:
-    """A ustar header from tarfile itself (mode 0444, mtime 0, root), to fill in per member."""
-    info = tarfile.TarInfo("x")
-    info.mode = 0o444
-    return info.tobuf(format=tarfile.USTAR_FORMAT)
+SAMPLE_SCHEMA = pa.schema([("rank", pa.uint64()), ("uid", pa.string()), ("image", pa.binary()),
+                           ("text", pa.string()), ("json", pa.binary()), ("query_ids", pa.list_(pa.int32())),
+                           ("bytes", pa.int64()), ("width", pa.int32()), ("height", pa.int32())])
+INDEX_SCHEMA = pa.schema([("uid", pa.string()), ("query_ids", pa.list_(pa.int32())), ("bytes", pa.int64()),
+                          ("width", pa.int32()), ("height", pa.int32()), ("shard", pa.string())])
 
 
-_TEMPLATE = _template()
-_MODE_TO_SIZE, _MTIME, _AFTER_CHECKSUM = _TEMPLATE[100:124], _TEMPLATE[136:148], _TEMPLATE[156:]
-# The checksum is the byte sum of the header with its checksum field as spaces: the fixed part once.
-_FIXED_SUM = sum(_MODE_TO_SIZE) + sum(_MTIME) + sum(_AFTER_CHECKSUM) + 8 * ord(" ")
-
-
-def tar_header(name: str, size: int) -> bytes:
-    """tarfile's ustar header for a regular file of this name and size, built by filling in a
-    template: the same bytes as TarInfo.tobuf, much faster (names are short ASCII here)."""
-    raw = name.encode("ascii")
-    if len(raw) > 100:
-        raise ValueError(f"member name too long for ustar: {name!r}")
-    size_field = b"%011o\0" % size
-    checksum = b"%06o\0 " % (_FIXED_SUM + sum(raw) + sum(size_field))
-    return b"".join((raw.ljust(100, b"\0"), _MODE_TO_SIZE, size_field, _MTIME, checksum, _AFTER_CHECKSUM))
-
-
-def write_samples(f, samples: list[tuple[str, bytes, str, bytes]], ext: str) -> None:
-    """The tar stream of (key, image, caption, json) samples."""
-    for key, image, text, meta in samples:
-        caption = text.encode()
-        f.writelines((
-            tar_header(f"{key}.{ext}", len(image)), image, b"\0" * (-len(image) % 512),
-            tar_header(f"{key}.txt", len(caption)), caption, b"\0" * (-len(caption) % 512),
-            tar_header(f"{key}.json", len(meta)), meta, b"\0" * (-len(meta) % 512)))
-    f.write(b"\0" * 1024)  # the end-of-archive marker
-
-
-def write_shard(path: str, samples: list[tuple[str, bytes, str, bytes]], ext: str) -> int:
-    """Write a shard under a temporary name, fsync it and rename it into place; returns its size."""
-    with atomic_path(path) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
-        write_samples(f, samples, ext)
-    return Path(path).stat().st_size
-
-
-def shard_task(members: dict[str, list[str]], balanced: dict[str, str], images: dict[str, str],
-               queries: str, ext: str, output: str) -> dict:
-    """Gather one shard's samples (members: part key -> uids, in shard order) and write it."""
-    qtable = pq.read_table(queries, columns=["query"])
-    query_strings = qtable.column("query")
-    order = [u for part in members for u in members[part]]
-    position = {u: i for i, u in enumerate(order)}
-    rows: list = [None] * len(order)
-    for part, uids in members.items():
-        wanted = pa.array(uids)
-        meta = pq.read_table(balanced[part])
-        meta = meta.filter(pc.is_in(meta.column("uid"), value_set=wanted))
-        imgs = pq.read_table(images[part], columns=["uid", "image"])
-        imgs = imgs.filter(pc.is_in(imgs.column("uid"), value_set=wanted))
-        image_of = dict(zip(imgs.column("uid").to_pylist(), imgs.column("image").to_pylist()))
-        for r in meta.to_pylist():
-            qids = r["query_ids"]
-            record = {"uid": r["uid"], "url": r["url"], "page_url": r["page_url"], "query_ids": qids,
-                      "queries": query_strings.take(pa.array(qids, pa.int32())).to_pylist(),
-                      "width": r["width"], "height": r["height"], "sha256": r["sha256"],
-                      "phash": f"{r['phash']:016x}", "origin": r["origin"]}
-            rows[position[r["uid"]]] = (safe_key(r["uid"]), image_of[r["uid"]], r["text"],
-                                        json.dumps(record, ensure_ascii=False, sort_keys=True).encode())
-    size = write_shard(output, rows, ext)
-    return {"samples": len(rows), "bytes": size}
-
-
-def plan(parts: dict[str, str], seed: int, per_shard: int, max_bytes: int) -> list[list[tuple[str, str]]]:
-    """Shards as lists of (part key, uid), in the global hash-seeded order."""
-    keys, uids, sizes = [], [], []
-    for key, path in parts.items():
-        t = pq.read_table(path, columns=["uid", "keep", "bytes"], filters=[("keep", "=", True)])
-        keys += [key] * t.num_rows
-        uids += t.column("uid").to_pylist()
-        sizes += t.column("bytes").to_pylist()
-    if not uids:
-        return []
+def sample_rank(uids, seed: int) -> np.ndarray:
+    """The global shard order: a hash of (uid, seed)."""
     with np.errstate(over="ignore"):
-        rank = splitmix64(uid_to_u64(uids) ^ splitmix64(np.uint64(seed)))
-    order = np.lexsort((np.array(uids), rank))
-    shards, current, current_bytes = [], [], 0
-    for i in order:
-        approx = sizes[i] + 2048  # three headers and the caption and json, roughly
-        if current and (len(current) >= per_shard or current_bytes + approx > max_bytes):
-            shards.append(current)
-            current, current_bytes = [], 0
-        current.append((keys[i], uids[i]))
-        current_bytes += approx
-    shards.append(current)
-    return shards
+        return splitmix64(uid_to_u64(uids) ^ splitmix64(np.uint64(seed)))
 
 
-def write_index(shards: list[str], members: list[dict], sizes: list[int], balanced: dict[str, str],
-                out_dir: str) -> dict:
-    """The reduce: sizes.json, wids.json and shards.parquet."""
+def scatter_part(balanced: str, images: str, queries: str, part: int, seed: int, buckets: int,
+                 shuffle: str) -> dict:
+    """Step 1: one partition's kept samples, with their image bytes, into the shard buckets."""
+    meta = read_table(balanced, filters=[("keep", "=", True)])
+    query_strings = read_table(queries, columns=["query"]).column("query")
+    row_of = {u: i for i, u in enumerate(meta.column("uid").to_pylist())}
+    chunk, chunk_bytes, chunks, samples = [], 0, 0, 0
+
+    def flush():
+        nonlocal chunk, chunk_bytes, chunks, samples
+        if not chunk:
+            return
+        table = pa.concat_tables(chunk)
+        uid = table.column("uid")
+        m = meta.take(pa.array([row_of[u] for u in uid.to_pylist()], pa.int64()))
+        rank = sample_rank(uid, seed)
+        lists = m.column("query_ids").combine_chunks()
+        names = query_strings.take(lists.flatten()).to_pylist()  # every sample's query strings at once
+        offsets = (lists.offsets.to_numpy() - lists.offsets[0].as_py()).tolist()
+        records = [json.dumps({
+            "uid": r["uid"], "url": r["url"], "page_url": r["page_url"], "query_ids": r["query_ids"],
+            "queries": names[offsets[i]:offsets[i + 1]], "width": r["width"], "height": r["height"],
+            "sha256": r["sha256"], "phash": f"{r['phash']:016x}", "origin": r["origin"]},
+            ensure_ascii=False, sort_keys=True).encode() for i, r in enumerate(m.to_pylist())]
+        rows = pa.table({"rank": rank, "uid": uid, "image": table.column("image"), "text": m.column("text"),
+                         "json": pa.array(records, pa.binary()), "query_ids": m.column("query_ids"),
+                         "bytes": m.column("bytes"), "width": m.column("width"), "height": m.column("height")},
+                        schema=SAMPLE_SCHEMA)
+        order = np.lexsort((uid_to_u64(uid), rank))
+        rows = rows.take(pa.array(order))
+        scatter(rows, bucket_of(rows.column("rank").to_numpy(), buckets), shuffle, f"{part:06d}-{chunks:05d}")
+        samples += rows.num_rows
+        chunks += 1
+        chunk, chunk_bytes = [], 0
+
+    if meta.num_rows:
+        wanted = pa.array(list(row_of), pa.string())
+        for batch in parquet_file(images).iter_batches(batch_size=1024, columns=["uid", "image"]):
+            batch = pa.Table.from_batches([batch])
+            batch = batch.filter(pc.is_in(batch.column("uid"), value_set=wanted))
+            chunk.append(batch)
+            chunk_bytes += batch.nbytes
+            if chunk_bytes >= CHUNK_BYTES:
+                flush()
+        flush()
+    if samples != meta.num_rows:
+        raise RuntimeError(f"{meta.num_rows - samples} kept samples have no image in {images}")
+    return {"samples": samples}
+
+
+def bucket_shards(shuffle: str, bucket: int, shards: list[str], ext: str, index: str) -> dict:
+    """Step 2: one bucket's samples in rank order, cut into len(shards) equal shards."""
+    rows = read_bucket(shuffle, bucket, SAMPLE_SCHEMA)
+    order = np.lexsort((uid_to_u64(rows.column("uid")), rows.column("rank").to_numpy()))
+    rows = rows.take(pa.array(order, pa.int64()))
+    cuts = [len(rows) * j // len(shards) for j in range(len(shards) + 1)]
+    names = []
+    for path, lo, hi in zip(shards, cuts, cuts[1:]):
+        part = rows.slice(lo, hi - lo)
+        samples = zip(map(safe_key, part.column("uid").to_pylist()), part.column("image").to_pylist(),
+                      part.column("text").to_pylist(), part.column("json").to_pylist())
+        write_shard(path, samples, ext)
+        names += [Path(path).name] * (hi - lo)
+    table = rows.select(["uid", "query_ids", "bytes", "width", "height"]).append_column(
+        "shard", pa.array(names, pa.string()))
+    with parquet_writer(index, INDEX_SCHEMA) as w:
+        w.write_table(table.sort_by([("shard", "ascending"), ("uid", "ascending")]))
+    return {"samples": len(rows)}
+
+
+def write_index(indexes: list[str], shards: list[str], out_dir: str) -> dict:
+    """Step 3: sizes.json, wids.json and shards.parquet, streaming one bucket's index at a time."""
     out = Path(out_dir)
-    counts = {Path(s).name: sum(len(u) for u in m.values()) for s, m in zip(shards, members)}
+    counts = dict.fromkeys((Path(s).name for s in shards), 0)
+    with parquet_writer(out / "shards.parquet", INDEX_SCHEMA) as w:
+        for path in indexes:
+            table = read_table(path)
+            for shard, n in zip(*np.unique(np.array(table.column("shard").to_pylist(), dtype=object).astype(str),
+                                           return_counts=True)):
+                counts[str(shard)] += int(n)
+            w.write_table(table)
     atomic_write_bytes(out / "sizes.json", json.dumps(counts, indent=1).encode())
+    for stale in out.glob("*.tar"):  # shards of an earlier plan with more of them
+        if stale.name not in counts:
+            stale.unlink()
     wids = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.parent.name,
             "shardlist": [{"url": name, "nsamples": n} for name, n in counts.items()]}
     atomic_write_bytes(out / "wids.json", json.dumps(wids, indent=1).encode())
-    shard_of = {}
-    for s, m in zip(shards, members):
-        for uids in m.values():
-            for u in uids:
-                shard_of[u] = Path(s).name
-    tables = []
-    for path in balanced.values():
-        t = pq.read_table(path, columns=["uid", "query_ids", "bytes", "width", "height"],
-                          filters=[("keep", "=", True)])
-        tables.append(t)
-    table = pa.concat_tables(tables)
-    table = table.append_column("shard", pa.array([shard_of[u] for u in table.column("uid").to_pylist()]))
-    write_parquet(table.sort_by([("shard", "ascending"), ("uid", "ascending")]), out / "shards.parquet")
     return {"shards": len(shards), "samples": sum(counts.values())}
+
+
+def shard_layout(kept: int, kept_bytes: int, per_shard: int, max_bytes: int, buckets: int = 0) -> tuple[int, int]:
+    """(buckets, shards per bucket) for `kept` samples of `kept_bytes` image bytes."""
+    total_bytes = kept_bytes + SAMPLE_OVERHEAD * kept
+    buckets = buckets or max(1, math.ceil(total_bytes / BUCKET_BYTES))
+    # A bucket gets kept / buckets samples give or take a few percent: leave room for that.
+    slack = 1.0 if buckets == 1 else 1.1
+    per_bucket = max(math.ceil(kept * slack / buckets / per_shard), math.ceil(total_bytes * slack / buckets / max_bytes), 1)
+    return buckets, per_bucket
 
 
 class ShardStage(Stage):
     name = "shards"
+    upstream = "balance"
 
-    def tasks(self, run: Run) -> list[Task]:
-        upstream = BalanceStage().tasks(run)
-        if not upstream or not all(is_complete(t) for t in upstream):
-            return []  # planned once balancing is complete: the plan depends on its output
-        s, d = run.recipe.shards, run.recipe.download
-        balanced = {t.key: t.outputs[0] for t in upstream}
-        images = {t.key: t.kwargs["hashes"].replace("/dedup/hashes/", "/download/images/") for t in upstream}
+    def plan(self, run: Run):
+        up = self.upstream_manifest(run)
+        s, seed, ext = run.recipe.shards, run.recipe.run.seed, run.recipe.download.encode_format
+        kept = sum(p["info"].get("kept", 0) for p in up.partitions)
+        kept_bytes = sum(p["info"].get("kept_bytes", 0) for p in up.partitions)
+        buckets, per_bucket = shard_layout(kept, kept_bytes, s.samples_per_shard, int(s.max_shard_mb * (1 << 20)),
+                                           s.buckets)
         out = run.stage_dir(self.name)
-        self._members, tasks = [], []
-        fingerprints = [t.fingerprint for t in upstream]
-        for i, shard in enumerate(plan(balanced, run.recipe.run.seed, s.samples_per_shard,
-                                       int(s.max_shard_mb * (1 << 20)))):
-            members: dict[str, list[str]] = {}
-            for key, uid in shard:
-                members.setdefault(key, []).append(uid)
-            output = str(out / f"{i:06d}.tar")
-            tasks.append(Task(
-                stage=self.name, key=f"{i:06d}", func=shard_task,
-                kwargs={"members": members, "balanced": {k: balanced[k] for k in members},
-                        "images": {k: images[k] for k in members},
-                        "queries": str(run.stage_dir("queries") / "queries.parquet"),
-                        "ext": d.encode_format, "output": output},
-                outputs=[output], marker=str(run.marker_path(self.name, f"{i:06d}")),
-                inputs={"version": VERSION, "upstream": fingerprints, "members": members,
-                        "ext": d.encode_format},
-                weight=len(shard)))
-        return tasks
-
-    def reduce_task(self, run: Run, tasks: list[Task]) -> Task | None:
-        if not tasks:
-            return None
-        out = run.stage_dir(self.name)
-        balanced = {k: v for t in tasks for k, v in t.kwargs["balanced"].items()}
-        return Task(stage=self.name, key="_reduce", func=write_index,
-                    kwargs={"shards": [t.outputs[0] for t in tasks],
-                            "members": [t.kwargs["members"] for t in tasks], "sizes": [],
-                            "balanced": balanced, "out_dir": str(out)},
-                    outputs=[str(out / n) for n in ("sizes.json", "wids.json", "shards.parquet")],
-                    marker=str(run.marker_path(self.name, "_reduce")),
-                    inputs={"version": VERSION, "shards": [t.fingerprint for t in tasks]})
+        settings = {"version": VERSION, "buckets": buckets, "per_bucket": per_bucket, "seed": seed, "ext": ext}
+        namespace = fingerprint({**settings, "upstream": up.fingerprint,
+                                 "queries": up.outputs["queries_fingerprint"]})[:12]
+        if (done := completed(run, self.name, namespace)) is not None:
+            return done
+        shuffle = out / "_shuffle" / namespace
+        queries = up.outputs["queries"]
+        scatters = [Task(stage=self.name, key=part["key"], func=scatter_part,
+                         kwargs={"balanced": part["files"]["balanced"], "images": part["files"]["images"],
+                                 "queries": queries, "part": index, "seed": seed, "buckets": buckets,
+                                 "shuffle": str(shuffle / "samples")},
+                         outputs=[], marker=str(run.marker_path(self.name, part["key"])),
+                         inputs={**settings, "upstream": part["fingerprint"], "shuffle": namespace},
+                         weight=part["info"].get("kept_bytes", 1) or 1, receipt=str(shuffle / "_done" / part["key"]))
+                    for index, part in enumerate(up.partitions)]
+        yield scatters
+        if kept == 0:
+            buckets = 0
+        scattered = combined_fingerprint(scatters)
+        tasks = []
+        for b in range(buckets):
+            shards = [str(out / f"{b * per_bucket + j:06d}.tar") for j in range(per_bucket)]
+            index = str(bucket_folder(shuffle / "index", b)) + ".parquet"
+            tasks.append(Task(stage=self.name, key=f"_bucket-{b:05d}", func=bucket_shards,
+                              kwargs={"shuffle": str(shuffle / "samples"), "bucket": b, "shards": shards,
+                                      "ext": ext, "index": index},
+                              outputs=shards + [index], marker=str(run.marker_path(self.name, f"_bucket-{b:05d}")),
+                              inputs={"scatter": scattered, "bucket": b}, weight=per_bucket))
+        yield tasks
+        shards = [p for t in tasks for p in t.kwargs["shards"]]
+        index_files = [str(out / n) for n in ("sizes.json", "wids.json", "shards.parquet")]
+        reduce = Task(stage=self.name, key="_reduce", func=write_index,
+                      kwargs={"indexes": [t.kwargs["index"] for t in tasks], "shards": shards, "out_dir": str(out)},
+                      outputs=index_files, marker=str(run.marker_path(self.name, "_reduce")),
+                      inputs={"version": VERSION, "buckets": combined_fingerprint(tasks)})
+        yield [reduce]
+        return Manifest(self.name, [partition_entry(t, {"shards": t.kwargs["shards"]}) for t in tasks],
+                        {"index": index_files}, plan=namespace, scratch=[str(out / "_shuffle")])

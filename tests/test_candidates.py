@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, write_recipe
-from pipelines.candidates import CandidatesStage, candidates_part, largest_srcset
+from pipelines.candidates import CandidatesStage, extract as extract_part, largest_srcset
 from pipelines.urls import normalise_url
 from wit_builder.errors import WitError
 from wit_builder.recipe import load_recipe
@@ -21,7 +21,7 @@ EDGE = REPO / "tests" / "data" / "warc-edge-cases"
 
 def extract(tmp_path, path, kind, **kw):
     outputs = {"candidates": str(tmp_path / "c.parquet"), "rejects": str(tmp_path / "r.parquet")}
-    info = candidates_part(str(path), kind, kw.get("url_col", "url"), kw.get("caption_col", "caption"),
+    info = extract_part(str(path), kind, kw.get("url_col", "url"), kw.get("caption_col", "caption"),
                            outputs)
     return info, pq.read_table(outputs["candidates"]).to_pylist(), pq.read_table(outputs["rejects"]).to_pylist()
 
@@ -119,8 +119,15 @@ def test_tabular_lists(tmp_path, kind):
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
     info, rows, rejects = extract(tmp_path, path, kind, url_col="URL", caption_col="TEXT")
+    data = path.read_bytes()
+
+    def origin(row, url):  # parquet: the row number; text lists: the byte offset of the row's line
+        if kind == "parquet":
+            return f"list.{kind}:{row}"
+        return f"list.{kind}:{data.rfind(bytes([10]), 0, data.index(url)) + 1}"
+
     assert [(r["url"], r["text"], r["origin"]) for r in rows] == [
-        ("http://a/1.jpg", "one", f"list.{kind}:0"), ("http://a/2.jpg", "two", f"list.{kind}:1")]
+        ("http://a/1.jpg", "one", origin(0, b"http://a/1.jpg")), ("http://a/2.jpg", "two", origin(1, b"http://a/2.jpg"))]
     assert sorted(r["reason"] for r in rejects) == ["data_uri", "duplicate", "no_text"]
     with pytest.raises(WitError, match="no column 'url'.*URL, TEXT"):
         extract(tmp_path, path, kind)
@@ -141,12 +148,12 @@ def test_stage_dedups_across_partitions_and_one_text_per_url(tmp_path):
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     a.write_text("url,caption\nhttp://x/1.jpg,a red fox\nhttp://x/2.jpg,first text\n")
     b.write_text("url,caption\nhttp://x/1.jpg,a red fox\nhttp://x/2.jpg,second text\n")
-    for one, expected in [(False, [(1, 0, "duplicate", "a.csv:0")]),
-                          (True, [(1, 0, "duplicate", "a.csv:0"), (1, 1, "same_url", "a.csv:1")])]:
+    for one, expected in [(False, [(1, 0, "duplicate", "a.csv:12")]),
+                          (True, [(1, 0, "duplicate", "a.csv:12"), (1, 1, "same_url", "a.csv:37")])]:
         recipe = write_recipe(tmp_path, f"d{one}", wordnet="", unigram_counts=str(REPO / "data/wordcounts/wikipedia-word-counts.txt.gz"))
         text = recipe.read_text() + f'\n[candidates]\ninputs = ["{a}", "{b}"]\none_text_per_url = {str(one).lower()}\n'
         recipe.write_text(text)
         run = Run(load_recipe(recipe))
         run_stage(CandidatesStage(), run, LocalExecutor(1))
-        dups = pq.read_table(run.stage_dir("candidates") / "duplicates.parquet").to_pylist()
+        dups = pq.read_table(run.stage_dir("candidates") / "duplicates").to_pylist()
         assert [(d["part"], d["row"], d["reason"], d["first_origin"]) for d in dups] == expected

@@ -20,7 +20,7 @@ def sample_run(tmp_path_factory):
 
 def test_status_reports_partitions_and_rows(sample_run):
     out = wit("status", sample_run).stdout
-    assert "queries      1/1 partitions done, reduce done; queries: " in out
+    assert "queries      complete: 1 partitions; queries: " in out
 
 
 def test_sql_answers_over_the_stage_parquet(sample_run):

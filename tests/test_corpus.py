@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, wit
-from pipelines.balance import keep_mask
+from pipelines.sampling import keep_mask
 from pipelines.miniweb import MiniWeb
 from pipelines.neardup import brute_force_pairs, near_duplicate_pairs
 from pipelines.phash import phash_bytes
-from pipelines.shard import safe_key
+from wit_builder.tar import safe_key
 from test_download import ARCHIVE, archive_images, make_run
 
 
@@ -102,7 +102,7 @@ def test_balance_statistics():
 
 @pytest.mark.parametrize("name, size", [("a.jpg", 0), ("0123456789abcdef.json", 511), ("k.txt", 10**9)])
 def test_tar_headers_are_tarfiles_own(name, size):
-    from pipelines.shard import tar_header
+    from wit_builder.tar import tar_header
 
     info = tarfile.TarInfo(name)
     info.size, info.mode = size, 0o444
@@ -139,7 +139,7 @@ def corpus_run(tmp_path_factory):
 @pytest.mark.slow
 def test_dedup_rules(corpus_run):
     _, run_dir = corpus_run
-    dedup = {r["uid"]: r for r in pq.read_table(run_dir / "dedup/dedup.parquet").to_pylist()}
+    dedup = {r["uid"]: r for r in pq.read_table(run_dir / "dedup/part-corpus.csv.parquet").to_pylist()}
     matched = {r["uid"]: r for r in pq.read_table(run_dir / "matched/part-corpus.csv.parquet").to_pylist()}
     by_text = {matched[u]["text"]: d for u, d in dedup.items()}
     # One group of four (same bytes, same URL, re-encoded); the one kept matches the most queries.
@@ -186,7 +186,7 @@ def test_shards_read_with_three_readers(corpus_run):
     assert len(dataset) == len(samples) and dataset[0][".json"]["uid"] == samples[0]["__key__"]
     order = [s["__key__"] for s in samples]
     # The global order is the hash of (uid, seed), not uid or partition order.
-    from pipelines.balance import splitmix64, uid_to_u64
+    from wit_builder.shuffle import splitmix64, uid_to_u64
 
     rank = splitmix64(uid_to_u64(order) ^ splitmix64(np.uint64(0)))
     assert (np.diff(rank.astype(np.float64)) > 0).all() and order != sorted(order)

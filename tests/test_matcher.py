@@ -95,10 +95,10 @@ def test_nested_and_overlapping_queries_all_match():
 def test_real_captions_against_the_reference(tmp_path):
     """Real alt texts from the archive WARC against real query entries."""
     from conftest import REPO
-    from pipelines.candidates import candidates_part
+    from pipelines.candidates import extract
 
     outputs = {"candidates": str(tmp_path / "c.parquet"), "rejects": str(tmp_path / "r.parquet")}
-    candidates_part(str(REPO / "data/warc/aut-example-2008.warc.gz"), "warc", "url", "caption", outputs)
+    extract(str(REPO / "data/warc/aut-example-2008.warc.gz"), "warc", "url", "caption", outputs)
     texts = pq.read_table(outputs["candidates"]).column("text").to_pylist()
     words = sorted({w for t in texts for w in re.findall(r"\w+", t)})
     queries = words[::2] + [" ".join(p) for p in zip(words[::7], words[1::7])] + ["Internet Archive", "the"]

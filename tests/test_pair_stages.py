@@ -61,7 +61,8 @@ def test_counts_views_and_resume(pair_run):
                  "ORDER BY 1", "--csv").stdout
     assert "kept," in funnel
     rerun = wit("run", recipe, *STAGES)
-    for stage in ("candidates", "filter", "match"):
+    assert "candidates: complete (3 partitions)" in rerun.stderr
+    for stage in ("filter", "match"):
         assert f"{stage}: 3 partitions, 3 already complete, 0 to run" in rerun.stderr
     status = wit("status", run_dir).stdout
-    assert "match        3/3 partitions done" in status
+    assert "match        complete: 3 partitions" in status

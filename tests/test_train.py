@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, needs_fashion, wit
-from pipelines.shard import write_shard
+from wit_builder.tar import write_shard
 from trainer import data, fashion, models, train, zeroshot
 from wit_builder.errors import WitError
 

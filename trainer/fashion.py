@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.shard import write_shard
+from wit_builder.tar import write_shard
 from wit_builder.errors import WitError
 from wit_builder.workspace import atomic_write_bytes
 

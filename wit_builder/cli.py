@@ -53,10 +53,25 @@ def _load_run(run: str):
     return Run(recipe)
 
 
+def all_stages() -> dict:
+    """The stages of a run, in data-flow order."""
+    from pipelines.balance import BalanceStage
+    from pipelines.candidates import CandidatesStage
+    from pipelines.dedup import DedupStage
+    from pipelines.download import DownloadStage
+    from pipelines.filter import FilterStage
+    from pipelines.match import MatchStage
+    from pipelines.shard import ShardStage
+    from queries.stage import QueriesStage
+
+    stages = [QueriesStage(), CandidatesStage(), FilterStage(), MatchStage(), DownloadStage(),
+              DedupStage(), BalanceStage(), ShardStage()]
+    return {s.name: s for s in stages}
+
+
 def cmd_run(args) -> int:
     from .recipe import load_recipe
     from .runner import make_executor, run_stage
-    from .stages import all_stages
     from .workspace import Run
 
     overrides = {}
@@ -76,8 +91,11 @@ def cmd_run(args) -> int:
     log.info("run %s -> %s (%s executor, %d workers)", recipe.run.name, run.dir,
              recipe.run.executor, recipe.run.workers)
     executor = make_executor(run)
-    for name in chosen:
-        run_stage(stages[name], run, executor, force=args.force)
+    try:
+        for name in chosen:
+            run_stage(stages[name], run, executor, force=args.force)
+    finally:
+        executor.close()
     log.info("done. Query it: wit sql %s \"SELECT * FROM queries LIMIT 10\"", run.dir)
     return 0
 
@@ -85,23 +103,25 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     import pyarrow.parquet as pq
 
-    from .runner import is_complete
+    from .runner import is_complete, read_manifest
     from .sql import STAGE_VIEWS, VIEWS
-    from .stages import all_stages
 
     run = _load_run(args.run)
     print(f"run {run.dir}")
     for name, stage in all_stages().items():
         try:
-            tasks = stage.tasks(run)
-        except WitError as e:
-            print(f"  {name:<12} cannot plan yet: {e}")
-            continue
-        done = sum(is_complete(t) for t in tasks)
-        line = f"  {name:<12} {done}/{len(tasks)} partitions done"
-        reduce = stage.reduce_task(run, tasks)
-        if reduce is not None:
-            line += ", reduce " + ("done" if is_complete(reduce) else "pending")
+            manifest = read_manifest(run, name)
+            line = f"  {name:<12} complete: {len(manifest.partitions)} partitions"
+        except WitError:
+            try:
+                tasks = next(stage.plan(run))
+            except WitError as e:
+                print(f"  {name:<12} cannot plan yet: {e}")
+                continue
+            except StopIteration:
+                tasks = []
+            done = sum(is_complete(t) for t in tasks)
+            line = f"  {name:<12} {done}/{len(tasks)} partitions done"
         view = STAGE_VIEWS.get(name)
         if view:
             rows = sum(pq.ParquetFile(p).metadata.num_rows for p in run.dir.glob(VIEWS[view]))

@@ -73,6 +73,11 @@ class CandidateSettings(_Section):
     caption_col: str = "caption"
     # Keep only the first text seen for each image URL.
     one_text_per_url: bool = False
+    # Rows per partition: a big list is split by parquet row groups or, for CSV/TSV/JSONL, by byte
+    # ranges at line starts, so that `run.workers` parallelises one file. WARC/WAT: one file each.
+    partition_rows: int = Field(default=1_000_000, ge=1)
+    # Buckets of the cross-partition duplicate shuffle; 0: one per GB of input.
+    buckets: int = Field(default=0, ge=0)
 
 
 BOILERPLATE = [
@@ -156,6 +161,8 @@ class DedupSettings(_Section):
     # full-decode imagehash by about half a bit on average, well inside the default.
     radius: int = Field(default=4, ge=0, le=16)
     eval_sets: list[EvalSet] = []
+    # Buckets of the dedup shuffle; 0: sized from the image count, about 8M hash records each.
+    buckets: int = Field(default=0, ge=0)
 
 
 class BalanceSettings(_Section):
@@ -168,9 +175,12 @@ class BalanceSettings(_Section):
 
 
 class ShardSettings(_Section):
-    # A shard closes at whichever comes first.
+    # Shards hold at most about samples_per_shard samples and max_shard_mb, whichever is fewer.
     samples_per_shard: int = Field(default=10_000, ge=1)
     max_shard_mb: float = Field(default=1024.0, gt=0)
+    # Buckets of the shard shuffle (each holds its samples in memory to order them); 0: sized from
+    # the kept bytes, about 256 MB each.
+    buckets: int = Field(default=0, ge=0)
 
 
 class Recipe(_Section):

@@ -1,17 +1,24 @@
-"""The stage runner: plan partitions, skip the complete ones, run the rest on a local process pool or
-on Ray, then reduce.
+"""The stage runner: plan a stage's steps, skip the complete tasks, run the rest on a local process
+pool or on Ray, and write the stage's manifest.
 
-A stage is a list of `Task`s, each a top-level function over one partition that writes its own output
-files atomically. Nothing is shared in memory, which is what makes the local pool and a Ray cluster
-interchangeable: both call the same `execute` on the same task and produce the same bytes.
+A stage is a sequence of steps; a step is a list of `Task`s, each a top-level function over one
+partition (or one shuffle bucket) that writes its own output files atomically. Nothing is shared in
+memory, which is what makes the local pool and a Ray cluster interchangeable: both call the same
+`execute` on the same task and produce the same bytes.
+
+A stage plans from its upstream stage's manifest (`_state/<stage>/_manifest.json`, written when the
+stage completes: its partitions, their output files and fingerprints), never by re-planning the stages
+above it, so the driver holds O(partitions), never samples.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import multiprocessing
 import os
+import shutil
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +28,7 @@ from tqdm import tqdm
 
 from .errors import WitError
 from .ids import fingerprint
-from .workspace import Run, write_marker
+from .workspace import Run, atomic_write_bytes, io_counters, write_marker
 
 log = logging.getLogger("wit")
 
@@ -39,41 +46,145 @@ class Task:
     # Everything that decides the outputs: settings, input identities, upstream fingerprints.
     inputs: dict = field(default_factory=dict)
     weight: int = 1  # e.g. input bytes, for the progress bar
+    # For a task whose outputs are not known in advance (a shuffle map writes the buckets it has rows
+    # for): an empty file written after it succeeds, inside the shuffle's folder, so that deleting
+    # the folder also makes the task incomplete.
+    receipt: str = ""
 
     @property
     def fingerprint(self) -> str:
         return fingerprint({"stage": self.stage, "key": self.key, "inputs": self.inputs})
 
 
-def is_complete(task: Task) -> bool:
-    import json
-
+def read_marker(task: Task) -> dict | None:
     try:
         marker = json.loads(Path(task.marker).read_text())
     except (FileNotFoundError, ValueError):
-        return False
-    return marker.get("fingerprint") == task.fingerprint and all(
-        os.path.exists(p) for p in task.outputs
-    )
+        return None
+    outputs = task.outputs + ([task.receipt] if task.receipt else [])
+    if marker.get("fingerprint") != task.fingerprint or not all(os.path.exists(p) for p in outputs):
+        return None
+    return marker
+
+
+def is_complete(task: Task) -> bool:
+    return read_marker(task) is not None
 
 
 def execute(task: Task) -> dict:
-    """Run one task and write its marker last. Runs inside a worker process or a Ray task."""
-    info = task.func(**task.kwargs) or {}
+    """Run one task and write its marker last. Runs inside a worker process or a Ray task. The marker
+    records what the task cost: bytes read and written, files opened, and its peak memory."""
+    with io_counters() as cost:
+        info = task.func(**task.kwargs) or {}
+    if task.receipt:
+        atomic_write_bytes(task.receipt, b"")
+    info = {**info, "cost": cost}
     write_marker(task.marker, task.fingerprint, task.outputs, info)
     return info
 
 
+@dataclass
+class Manifest:
+    """A completed stage: its partitions (key, fingerprint, files, info) in data-flow order, and the
+    stage-wide outputs (e.g. summed counts). What the next stage plans from."""
+
+    stage: str
+    partitions: list[dict]
+    outputs: dict = field(default_factory=dict)
+    fingerprint: str = ""
+    # The fingerprint of the stage's plan (its inputs and settings): a rerun with the same plan and
+    # every file in place is complete without replanning its steps.
+    plan: str = ""
+    # Intermediate folders (shuffle buckets) deleted once the manifest is written.
+    scratch: list[str] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        body = {"stage": self.stage, "fingerprint": self.fingerprint, "outputs": self.outputs,
+                "partitions": self.partitions, "plan": self.plan}
+        return json.dumps(body, indent=1, sort_keys=True).encode()
+
+    def files(self) -> list[str]:
+        found = []
+        paths = [v for k, v in self.outputs.items() if not k.endswith("fingerprint")]
+        for value in [v for p in self.partitions for v in p["files"].values()] + paths:
+            found += value if isinstance(value, list) else [value] if isinstance(value, str) else []
+        return found
+
+
+def manifest_path(run: Run, stage: str) -> Path:
+    return run.dir / "_state" / stage / "_manifest.json"
+
+
+def read_manifest(run: Run, stage: str, needed_by: str = "") -> Manifest:
+    """The completed manifest of `stage`; a clear error when that stage has not completed yet."""
+    try:
+        body = json.loads(manifest_path(run, stage).read_text())
+    except (FileNotFoundError, ValueError):
+        raise WitError(f"the {stage} stage has not completed yet: run it first "
+                       f"(wit run RECIPE --stage {stage})", where=f"stage {needed_by or stage}") from None
+    return Manifest(body["stage"], body["partitions"], body.get("outputs", {}), body["fingerprint"],
+                    body.get("plan", ""))
+
+
+def completed(run: Run, stage: str, plan: str) -> Manifest | None:
+    """The stage's manifest if it was written for this same plan and its files are all in place."""
+    try:
+        manifest = read_manifest(run, stage)
+    except WitError:
+        return None
+    if manifest.plan != plan or not all(os.path.exists(f) for f in manifest.files()):
+        return None
+    log.info("%s: complete (%d partitions)", stage, len(manifest.partitions))
+    return manifest
+
+
+def partition_entry(task: Task, files: dict, info: dict | None = None, key: str = "") -> dict:
+    """A manifest row for a completed per-partition task. `files` carries forward what later stages
+    read of this partition (its own outputs and the upstream files it aligns with)."""
+    return {"key": key or task.key, "fingerprint": task.fingerprint, "files": files, "info": info or {}}
+
+
 class Stage:
-    """A stage: `tasks` are the per-partition map; `reduce_task`, if any, runs after all of them."""
+    """A stage. `plan` is a generator: it yields the tasks of each step in turn (the runner completes
+    one step before asking for the next, so a later step can plan from an earlier step's markers) and
+    returns the stage's Manifest. The default runs `tasks` then `reduce_task`."""
 
     name: str = ""
+    upstream: str = ""  # the stage whose manifest this one plans from
+
+    def plan(self, run: Run) -> Iterator[list[Task]]:
+        tasks = self.tasks(run)
+        yield tasks
+        reduce = self.reduce_task(run, tasks)
+        if reduce is not None:
+            yield [reduce]
+        return Manifest(self.name, [partition_entry(t, {"outputs": t.outputs}) for t in tasks],
+                        {"reduce": reduce.outputs} if reduce else {})
 
     def tasks(self, run: Run) -> list[Task]:
         raise NotImplementedError
 
     def reduce_task(self, run: Run, tasks: list[Task]) -> Task | None:
         return None
+
+    def upstream_manifest(self, run: Run) -> Manifest:
+        return read_manifest(run, self.upstream, needed_by=self.name)
+
+
+def step_info(tasks: list[Task]) -> list[dict]:
+    """The infos of a completed step's tasks, in task order (from their markers)."""
+    infos = []
+    for t in tasks:
+        marker = read_marker(t)
+        if marker is None:
+            raise WitError(f"task {t.key} has no valid marker after it ran", where=f"stage {t.stage}")
+        infos.append(marker)
+    return infos
+
+
+def combined_fingerprint(tasks: list[Task]) -> str:
+    """One fingerprint for a whole step: what a later step depends on, without listing every task."""
+    return fingerprint([t.fingerprint for t in tasks])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,6 +196,7 @@ class LocalExecutor:
 
     def __init__(self, workers: int):
         self.workers = workers
+        self._pool = None
 
     def map(self, tasks: list[Task]) -> Iterator[tuple[Task, dict | BaseException]]:
         if self.workers <= 1 or len(tasks) <= 1:
@@ -94,17 +206,19 @@ class LocalExecutor:
                 except Exception as e:  # reported per partition by run_stage
                     yield task, e
             return
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=ctx) as pool:
-            futures = {pool.submit(execute, t): t for t in tasks}
-            for fut in cf.as_completed(futures):
-                try:
-                    yield futures[fut], fut.result()
-                except Exception as e:
-                    yield futures[fut], e
+        if self._pool is None:  # one pool for every step of the run: workers start once
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        futures = {self._pool.submit(execute, t): t for t in tasks}
+        for fut in cf.as_completed(futures):
+            try:
+                yield futures[fut], fut.result()
+            except Exception as e:
+                yield futures[fut], e
 
     def close(self) -> None:
-        pass
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 class RayExecutor:
@@ -166,19 +280,16 @@ def remove_stale_temporaries(tasks: list[Task]) -> int:
     return removed
 
 
-def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
-    """Run a stage to completion. Returns counts; raises WitError naming every failed partition."""
-    tasks = stage.tasks(run)
-    reduce = stage.reduce_task(run, tasks)
-    if removed := remove_stale_temporaries(tasks + ([reduce] if reduce else [])):
+def run_step(stage: Stage, step: int, tasks: list[Task], executor, force: bool) -> dict:
+    if removed := remove_stale_temporaries(tasks):
         log.info("%s: removed %d temporary files left by an interrupted run", stage.name, removed)
     pending = [t for t in tasks if force or not is_complete(t)]
     skipped = len(tasks) - len(pending)
-    log.info("%s: %d partitions, %d already complete, %d to run", stage.name, len(tasks), skipped,
-             len(pending))
+    label = stage.name if step == 0 else f"{stage.name} ({tasks[0].func.__name__ if tasks else 'empty'})"
+    log.info("%s: %d partitions, %d already complete, %d to run", label, len(tasks), skipped, len(pending))
     failures: list[tuple[Task, BaseException]] = []
     if pending:
-        bar = tqdm(total=sum(t.weight for t in pending), desc=stage.name, unit="B", unit_scale=True,
+        bar = tqdm(total=sum(t.weight for t in pending), desc=label, unit="B", unit_scale=True,
                    disable=None, dynamic_ncols=True)
         for task, result in executor.map(pending):
             bar.update(task.weight)
@@ -194,7 +305,28 @@ def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
             f"others are complete and kept. Fix the input and rerun to do only the failed ones:\n{lines}",
             where=f"stage {stage.name}",
         )
-    if reduce is not None and (force or not is_complete(reduce)):
-        log.info("%s: reduce", stage.name)
-        execute(reduce)
     return {"partitions": len(tasks), "ran": len(pending), "skipped": skipped}
+
+
+def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
+    """Run every step of a stage to completion and write its manifest. Returns the first step's
+    counts (partitions, ran, skipped); raises WitError naming every failed partition."""
+    plan = stage.plan(run)
+    counts: dict | None = None
+    step = 0
+    try:
+        tasks = next(plan)
+        while True:
+            info = run_step(stage, step, tasks, executor, force)
+            counts = counts or info
+            step += 1
+            tasks = plan.send(None)
+    except StopIteration as done:
+        manifest: Manifest = done.value
+    if not manifest.fingerprint:
+        manifest.fingerprint = fingerprint([p["fingerprint"] for p in manifest.partitions]
+                                           + [manifest.outputs])
+    atomic_write_bytes(manifest_path(run, stage.name), manifest.to_json())
+    for folder in manifest.scratch:
+        shutil.rmtree(folder, ignore_errors=True)
+    return counts or {"partitions": 0, "ran": 0, "skipped": 0}

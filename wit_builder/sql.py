@@ -18,7 +18,7 @@ VIEWS = {
     "match_counts": "matched/counts/part-*.parquet",
     "downloads": "download/part-*.parquet",
     "images": "download/images/part-*.parquet",
-    "dedup": "dedup/dedup.parquet",
+    "dedup": "dedup/part-*.parquet",
     "balanced": "balanced/part-*.parquet",
     "shards": "shards/shards.parquet",
 }

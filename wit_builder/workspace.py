@@ -40,10 +40,71 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         Path(tmp).write_bytes(data)
 
 
-def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
+def write_parquet(table: pa.Table, path: str | os.PathLike, compression: str = "zstd",
+                  row_group_size: int | None = None) -> None:
     """Write a parquet file atomically, with settings fixed so equal tables give equal bytes."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", write_statistics=True)
+        pq.write_table(table, tmp, compression=compression, write_statistics=True,
+                       row_group_size=row_group_size)
+
+
+@contextlib.contextmanager
+def parquet_writer(path: str | os.PathLike, schema: pa.Schema):
+    """A streaming, atomic parquet writer: write tables (row groups) one at a time, so memory stays
+    at one row group however large the file; the file appears only if the block succeeds."""
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=True) as writer:
+            yield writer
+
+
+def read_table(path: str | os.PathLike, **kwargs) -> pa.Table:
+    """pyarrow.parquet.read_table, counted: every stage reads its inputs through here, so a task's
+    marker can say how many files it opened (see io_counters)."""
+    _opened[0] += 1
+    return pq.read_table(path, **kwargs)
+
+
+def parquet_file(path: str | os.PathLike) -> pq.ParquetFile:
+    """pyarrow.parquet.ParquetFile, counted like read_table: for reading a file in row groups."""
+    _opened[0] += 1
+    return pq.ParquetFile(path)
+
+
+_opened = [0]
+
+
+def _proc_io() -> dict[str, int]:
+    try:
+        lines = Path("/proc/self/io").read_text().split("\n")
+    except OSError:  # not Linux: the figures are simply absent
+        return {}
+    return {k: int(v) for k, _, v in (line.partition(": ") for line in lines) if v}
+
+
+@contextlib.contextmanager
+def io_counters():
+    """Measure the block: wall and CPU seconds, bytes read and written (/proc/self/io), files opened
+    through read_table, and peak resident memory (VmHWM, reset at the start). Yields a dict filled in
+    at the end."""
+    import resource
+
+    cost: dict = {}
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak-RSS watermark
+    before, opened = _proc_io(), _opened[0]
+    start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    yield cost
+    after, end = _proc_io(), resource.getrusage(resource.RUSAGE_SELF)
+    cost["seconds"] = round(time.perf_counter() - start, 4)
+    cost["cpu_seconds"] = round(end.ru_utime + end.ru_stime - usage.ru_utime - usage.ru_stime, 4)
+    cost["files_read"] = _opened[0] - opened
+    cost["pid"] = os.getpid()
+    if before and after:
+        cost["bytes_read"] = after["rchar"] - before["rchar"]
+        cost["bytes_written"] = after["wchar"] - before["wchar"]
+    with contextlib.suppress(OSError, StopIteration):
+        status = Path("/proc/self/status").read_text().split("\n")
+        cost["peak_rss"] = int(next(x for x in status if x.startswith("VmHWM")).split()[1]) * 1024
 
 
 def file_identity(path: str | os.PathLike) -> dict:
