@@ -96,6 +96,43 @@ def test_one_big_csv_runs_as_several_partitions_in_parallel(tmp_path):
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "no two partitions ran at the same time"
 
 
+def kill_at(recipe: Path, marker: Path, *stages: str) -> None:
+    """Start `wit run`, SIGKILL it as soon as `marker` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "wit_builder.cli", "run", str(recipe), *stages],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), f"the run ended before {marker.name}"
+
+
+@pytest.mark.slow
+def test_kill_during_the_candidate_duplicate_shuffle_then_rerun_gives_identical_bytes(tmp_path):
+    listing = tmp_path / "list.csv"
+    listing.write_text("url,caption\n" + "".join(f"http://img.example/{i % 7000}.jpg,a photo {i % 14000}\n"
+                                                  for i in range(20_000)))
+    stages = ("--stage", "candidates", "--stage", "filter")
+    outputs = {}
+    for name, marker in (("clean", None), ("maps", "list.csv-00004.json"), ("buckets", "_bucket-00000.json")):
+        recipe = tmp_path / f"{name}.toml"
+        recipe.write_text(tomli_w.dumps({
+            "run": {"name": name, "root": str(tmp_path / "runs"), "workers": 1},
+            "queries": {"unigram_counts": str(listing), "wordnet": ""},
+            "candidates": {"inputs": [str(listing)], "partition_rows": 2000, "buckets": 3,
+                           "one_text_per_url": True}}))
+        run_dir = tmp_path / "runs" / name
+        if marker:
+            kill_at(recipe, run_dir / "_state" / "candidates" / marker, *stages)
+        wit("run", recipe, *stages)
+        outputs[name] = {str(p.relative_to(run_dir)): p.read_bytes() for folder in ("candidates", "filtered")
+                         for p in sorted((run_dir / folder).rglob("*.parquet"))}
+    duplicates = pq.read_table(tmp_path / "runs/clean/candidates/duplicates")
+    assert duplicates.num_rows > 10_000 and set(duplicates.column("reason").to_pylist()) == {"duplicate", "same_url"}
+    assert outputs["clean"] == outputs["maps"] == outputs["buckets"]
+
+
 # --- dedup, balance, shards on a synthetic corpus -------------------------------------------------
 
 
@@ -267,15 +304,8 @@ def test_kill_during_each_shuffle_step_then_rerun_gives_identical_bytes(tmp_path
     for stage, marker, where in KILL_POINTS:
         shutil.rmtree(tmp_path / "clean")
         shutil.copytree(pristine, tmp_path / "clean")
-        proc = subprocess.Popen([sys.executable, "-m", "wit_builder.cli", "run", str(recipe), *CORPUS_STAGES],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        target = tmp_path / "clean" / "_state" / stage / marker
-        deadline = time.time() + 120
-        while time.time() < deadline and not target.exists() and proc.poll() is None:
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert target.exists() and not (tmp_path / "clean/_state/shards/_manifest.json").exists(), where
+        kill_at(recipe, tmp_path / "clean" / "_state" / stage / marker, *CORPUS_STAGES)
+        assert not (tmp_path / "clean/_state/shards/_manifest.json").exists(), where
         wit("run", recipe, *CORPUS_STAGES)
         got = corpus_outputs(tmp_path / "clean")
         assert got == reference, where

@@ -199,7 +199,8 @@ class LocalExecutor:
         self._pool = None
 
     def map(self, tasks: list[Task]) -> Iterator[tuple[Task, dict | BaseException]]:
-        if self.workers <= 1 or len(tasks) <= 1:
+        # With workers, even a lone task (a reduce) runs in a worker: the driver holds no samples.
+        if self.workers <= 1:
             for task in tasks:
                 try:
                     yield task, execute(task)
