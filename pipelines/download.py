@@ -18,6 +18,7 @@ retryable reason are fetched again in later passes; `attempts` says how many wer
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -35,6 +36,7 @@ from wit_builder.workspace import Run, file_identity, parquet_writer, read_table
 from .egress import EgressProxy, Policy
 from .phash import phash_bytes
 from .sampling import keep_rows, read_counts
+from .urls import idna_host
 
 log = logging.getLogger("wit")
 VERSION = 1
@@ -58,6 +60,11 @@ def classify(status: str, error: str | None) -> tuple[str, str | None, int | Non
     error = error or ""
     if m := re.search(r"wit-refused (\w+)", error):
         return "refused", m.group(1), None
+    # urllib follows redirects to http, https and ftp only; to any other scheme (file:, gopher:,
+    # data:, ...) it raises "HTTP Error 302: Found - Redirection to url '...' is not allowed". The
+    # proxy refuses those for plain http; this is the same refusal behind an https tunnel.
+    if m := re.match(r"HTTP Error (\d+): .* - Redirection to url .* is not allowed$", error, re.S):
+        return "refused", "bad_scheme", int(m.group(1))
     if m := re.match(r"HTTP Error (\d+)", error):
         return "failed", f"http_{m.group(1)}", int(m.group(1))
     low = error.lower()
@@ -85,10 +92,16 @@ def pre_refusal(url: str, opt_out_domains: list[str], opt_out_urls: set[str]) ->
         return "bad_scheme"
     if url in opt_out_urls:
         return "opt_out_url"
-    host = (parts.hostname or "").lower()
-    if any(host == d or host.endswith("." + d) for d in opt_out_domains):
+    host = idna_host(parts.hostname or "") or ""
+    # A domain the recipe writes in Unicode (`bücher.example`) matches its IDNA form in the URL.
+    if any(host == d or host.endswith("." + d) for d in map(_idna_domain, opt_out_domains)):
         return "opt_out_domain"
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _idna_domain(domain: str) -> str:
+    return idna_host(domain.strip().lstrip(".").rstrip(".")) or domain.lower()
 
 
 @contextlib.contextmanager
@@ -274,7 +287,7 @@ class DownloadStage(Stage):
                 inputs={"version": VERSION, "upstream": part["fingerprint"], "settings": settings,
                         "replay": replay, "counts": up.fingerprint if cap else None, "cap": cap,
                         "seed": run.recipe.run.seed},
-                weight=part["info"].get("matched", 1) or 1,
+                weight=part["info"].get("matched", 1) or 1, work=str(out / "_work" / key),
             ))
         yield tasks
         infos = step_info(tasks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -71,8 +72,8 @@ def all_stages() -> dict:
 
 def cmd_run(args) -> int:
     from .recipe import load_recipe
-    from .runner import make_executor, run_stage
-    from .workspace import Run
+    from .runner import make_executor, read_manifest, run_stage
+    from .workspace import Run, run_lock
 
     overrides = {}
     if args.workers is not None:
@@ -87,17 +88,55 @@ def cmd_run(args) -> int:
     for name in chosen:
         if name not in stages:
             raise WitError(f"unknown stage {name!r}; stages: {', '.join(stages)}", where="--stage")
-    run.save_recipe()
-    log.info("run %s -> %s (%s executor, %d workers)", recipe.run.name, run.dir,
-             recipe.run.executor, recipe.run.workers)
-    executor = make_executor(run)
-    try:
-        for name in chosen:
-            run_stage(stages[name], run, executor, force=args.force)
-    finally:
-        executor.close()
+    if missing := recipe.missing_inputs(chosen):
+        raise WitError("inputs not found:\n" + "\n".join(f"  {m}" for m in missing), where=str(args.recipe))
+    with run_lock(run.dir):
+        run.save_recipe()
+        log.info("run %s -> %s (%s executor, %d workers)", recipe.run.name, run.dir,
+                 recipe.run.executor, recipe.run.workers)
+        executor = make_executor(run)
+        try:
+            for name in chosen:
+                run_stage(stages[name], run, executor, force=args.force)
+        finally:
+            executor.close()
+    if "shards" in chosen and not read_manifest(run, "shards").partitions:
+        raise WitError(f"the run made no shards: {why_empty(run.dir)}", where=str(run.dir))
     log.info("done. Query it: wit sql %s \"SELECT * FROM queries LIMIT 10\"", run.dir)
     return 0
+
+
+def why_empty(run_dir: Path) -> str:
+    """Where the funnel ran dry, with the top reasons: the hint for a run that made no shards."""
+    from . import sql
+
+    con = sql.connect(run_dir)
+    views = set(sql.views(con))
+
+    def count(view: str, where: str = "true") -> int:
+        return con.sql(f"SELECT count(*) FROM {view} WHERE {where}").fetchall()[0][0] if view in views else 0
+
+    def top(view: str, where: str) -> str:
+        rows = con.sql(f"SELECT reason, count(*) AS n FROM {view} WHERE {where} GROUP BY 1 "
+                       "ORDER BY n DESC, reason LIMIT 3").fetchall()
+        return ", ".join(f"{reason} ({n})" for reason, n in rows)
+
+    if not count("candidates"):
+        return "no candidate pairs; check candidates.inputs"
+    if not count("filtered", "ok"):
+        return f"all {count('filtered')} candidates dropped by the filter: {top('filtered', 'NOT ok')}; see [filter]"
+    if not count("matched"):
+        return f"no caption of the {count('filtered', 'ok')} kept contains a query; see [match] and the query list"
+    if not count("downloads", "status = 'success'"):
+        hint = top("downloads", "status <> 'success'")
+        for reason, key in (("loopback_address", "download.allow_loopback"), ("timeout", "download.timeout")):
+            if reason in hint:
+                hint += f"; see {key}"
+                break
+        return f"all {count('downloads')} downloads failed or were refused: {hint}"
+    if not count("dedup", "keep"):
+        return f"dedup removed every image: {top('dedup', 'NOT keep')}"
+    return "balancing kept nothing; see balance.t"
 
 
 def cmd_status(args) -> int:
@@ -258,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader stopped early (`wit status RUN | head -1`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except WitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

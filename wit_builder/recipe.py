@@ -20,7 +20,7 @@ from .errors import WitError
 
 class _Section(BaseModel):
     # A misspelt key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class RunSettings(_Section):
@@ -229,6 +229,44 @@ class Recipe(_Section):
             else:
                 out.append(path)
         return out
+
+    def missing_inputs(self, stages: list[str]) -> list[str]:
+        """Every input path of the recipe that the given stages read and that does not exist, as
+        `key: path` lines: checked before any stage runs, so a typo costs seconds, not hours."""
+        q, problems = self.queries, []
+
+        def check(key: str, path: str | Path, kind: str = "file") -> None:
+            p = Path(path)
+            if not (p.is_file() if kind == "file" else p.is_dir()):
+                problems.append(f"{key}: {path}: {kind} not found")
+
+        def each(key: str, values: list[str]) -> list[str]:
+            try:
+                return self.paths(values, key)
+            except WitError as e:
+                problems.append(f"{key}: {e}")
+                return []
+
+        if "queries" in stages:
+            for key in ("wikipedia", "pageviews"):
+                for path in each(f"queries.{key}", getattr(q, key)):
+                    check(f"queries.{key}", path)
+            if q.unigram_counts:
+                check("queries.unigram_counts", self.path(q.unigram_counts))
+            if q.wordnet:
+                check("queries.wordnet (WordNet's data.noun)", self.path(q.wordnet) / "data.noun")
+        if "candidates" in stages:
+            for path in each("candidates.inputs", self.candidates.inputs):
+                check("candidates.inputs", path)
+        if "download" in stages:
+            for path in each("download.replay", self.download.replay):
+                check("download.replay", path)
+        if "dedup" in stages:
+            for e in self.dedup.eval_sets:
+                path = self.path(e.path)
+                if not path.exists():
+                    problems.append(f"dedup.eval_sets {e.name}: {path}: not found")
+        return problems
 
     @property
     def run_dir(self) -> Path:

@@ -50,6 +50,8 @@ class Task:
     # for): an empty file written after it succeeds, inside the shuffle's folder, so that deleting
     # the folder also makes the task incomplete.
     receipt: str = ""
+    # A folder where the task keeps resumable work in progress; `--force` deletes it first.
+    work: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -286,6 +288,10 @@ def run_step(stage: Stage, step: int, tasks: list[Task], executor, force: bool) 
         log.info("%s: removed %d temporary files left by an interrupted run", stage.name, removed)
     pending = [t for t in tasks if force or not is_complete(t)]
     skipped = len(tasks) - len(pending)
+    if force:
+        for t in pending:
+            if t.work:
+                shutil.rmtree(t.work, ignore_errors=True)
     label = stage.name if step == 0 else f"{stage.name} ({tasks[0].func.__name__ if tasks else 'empty'})"
     log.info("%s: %d partitions, %d already complete, %d to run", label, len(tasks), skipped, len(pending))
     failures: list[tuple[Task, BaseException]] = []

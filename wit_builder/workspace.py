@@ -113,6 +113,37 @@ def file_identity(path: str | os.PathLike) -> dict:
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """One `wit run` at a time on a run folder. The lock is the kernel's (flock), so it dies with
+    its process: a run killed with kill -9 leaves no stale lock. The file says who holds it."""
+    import fcntl
+    import socket
+
+    from .errors import WitError
+
+    path = Path(run_dir) / "_state" / "lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise WitError(f"another wit run is using this run folder ({holder}); wait for it to finish, "
+                       "or stop it", where=str(run_dir)) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
 class Run:
     """A run folder named by its recipe."""
 
