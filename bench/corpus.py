@@ -8,12 +8,24 @@
 - shard writing: wit's tar writer against a raw f.write of the same bytes, tarfile and webdataset;
 - balancing: 100M synthetic (uid, query_ids) rows.
 
-    .venv/bin/python bench/corpus.py [--hashes 10000000] [--rows 100000000]
+These are the kernels the stages call today: `pipelines.phash.phash_bytes` (download), the
+`pipelines.neardup.near_duplicate_pairs` search that each dedup bucket runs, `wit_builder.tar.write_shard`
+(shards) and `pipelines.sampling.keep_mask`, the balancing rule that the balance stage and the
+pre-download cap apply. Dedup, balance and shards are now shuffles over partitions (README, "At web
+scale"); the near-duplicate search here runs over all hashes in one call, as one bucket would, and the
+stages end to end at scale are bench/scale.py's to measure.
+
+    .venv/bin/python bench/corpus.py [--hashes 10000000] [--rows 100000000] [--smoke]
+
+--smoke: 24 images, 200 shard samples, 20,000 hashes, 100,000 rows, one timed run each (the test
+suite's check that it still runs). Without imagehash or scikit-image (the `bench` extra), pHash and
+shard writing run on generated pictures and pHash has no reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import sys
@@ -36,14 +48,26 @@ PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
           "hubble_deep_field.jpg", "camera.png", "moon.png", "horse.png", "brick.png", "grass.png"]
 
 
-def photos(size: tuple[int, int] | int, copies: int) -> list[bytes]:
-    import skimage.data
+@functools.cache
+def _pictures() -> tuple:
+    """scikit-image's sample photos, or (without scikit-image) smooth generated pictures."""
     from PIL import Image
 
+    try:
+        import skimage.data
+    except ImportError:
+        rng = np.random.default_rng(0)
+        return tuple(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+                     .resize((640, 480), Image.Resampling.BICUBIC) for _ in PHOTOS)
     folder = Path(skimage.data.__file__).parent
+    return tuple(Image.open(folder / name).convert("RGB") for name in PHOTOS)
+
+
+def photos(size: tuple[int, int] | int, copies: int) -> list[bytes]:
+    from PIL import Image
+
     out = []
-    for name in PHOTOS:
-        im = Image.open(folder / name).convert("RGB")
+    for im in _pictures():
         if isinstance(size, int):  # shorter side to `size`, as the download stage stores them
             scale = size / min(im.size)
             im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
@@ -55,13 +79,25 @@ def photos(size: tuple[int, int] | int, copies: int) -> list[bytes]:
     return (out * (copies // len(out) + 1))[:copies]
 
 
-def bench_phash(n: int) -> None:
-    import imagehash
+def bench_phash(n: int) -> list[str]:
     from PIL import Image
 
+    try:
+        import imagehash
+    except ImportError:
+        imagehash = None
     print("pHash from JPEG bytes, one core")
+    ratios = []
     for label, size in (("256 px", 256), ("640x480", (640, 480))):
         images = photos(size, n)
+        if imagehash is None:
+            phash_bytes(images[:1])  # warm-up: lazy imports
+            t = time.perf_counter()
+            phash_bytes(images)
+            print(f"  {label:8} wit {n / (time.perf_counter() - t):7.0f}/s; imagehash not installed")
+            continue
+        imagehash.phash(Image.open(io.BytesIO(images[0])))  # warm-up: lazy imports
+        phash_bytes(images[:1])
         t = time.perf_counter()
         ref = [int(str(imagehash.phash(Image.open(io.BytesIO(b)))), 16) for b in images]
         t_ref = time.perf_counter() - t
@@ -74,6 +110,8 @@ def bench_phash(n: int) -> None:
         print(f"  {label:8} imagehash (full decode) {n / t_ref:7.0f}/s, wit {n / t_ours:7.0f}/s: "
               f"{t_ref / t_ours:.1f}x; bits equal imagehash on the same decode: {equal}; "
               f"mean distance to full decode {dist:.2f} bits")
+        ratios.append(f"pHash {label} {t_ref / t_ours:.1f}x imagehash")
+    return ratios
 
 
 def _draft(data: bytes):
@@ -84,7 +122,7 @@ def _draft(data: bytes):
     return im
 
 
-def bench_neardup(n: int, k: int = 4) -> None:
+def bench_neardup(n: int, k: int = 4, brute: int = 20_000) -> None:
     rng = np.random.default_rng(0)
     hashes = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
     planted = n // 100
@@ -101,26 +139,19 @@ def bench_neardup(n: int, k: int = 4) -> None:
     found = set(zip(i.tolist(), j.tolist()))
     want = {(min(a, b), max(a, b)) for a, b in zip(src.tolist(), dst.tolist())
             if bin(int(hashes[a] ^ hashes[b])).count("1") <= k}
-    sub = np.sort(rng.choice(n, 20_000, replace=False))
-    brute = brute_force_pairs(hashes[sub], k)
-    ours_sub = {(a, b) for a, b in ((np.searchsorted(sub, x), np.searchsorted(sub, y)) for x, y in found
-                                    if x in set_sub(sub) and y in set_sub(sub))}
+    sub = np.sort(rng.choice(n, min(brute, n), replace=False))
+    members = set(sub.tolist())
+    reference = brute_force_pairs(hashes[sub], k)
+    ours_sub = {(int(np.searchsorted(sub, x)), int(np.searchsorted(sub, y))) for x, y in found
+                if x in members and y in members}
     print(f"near duplicates, k={k}: {n:,} hashes in {seconds:.1f} s on one core; "
           f"planted pairs found {len(want & found):,}/{len(want):,}; "
-          f"brute force on a 20,000 subsample agrees: {ours_sub == brute}")
+          f"brute force on a {len(sub):,} subsample agrees: {ours_sub == reference}")
 
 
-_SUB: dict = {}
+def bench_shards(samples: int = 20_000, repeats: int = 3) -> list[str]:
+    import webdataset as wds  # before timing: it imports torch
 
-
-def set_sub(sub: np.ndarray) -> set:
-    key = id(sub)
-    if key not in _SUB:
-        _SUB[key] = set(sub.tolist())
-    return _SUB[key]
-
-
-def bench_shards(samples: int = 20_000) -> None:
     images = photos(256, samples)
     rows = [(f"{i:016x}", img, "a caption of about forty characters long",
              b'{"uid": "0000000000000000", "url": "http://example.com/a.jpg", "width": 256}')
@@ -129,7 +160,7 @@ def bench_shards(samples: int = 20_000) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         def timed(fn) -> float:
             best = float("inf")
-            for _ in range(3):
+            for _ in range(repeats):
                 t = time.perf_counter()
                 fn()
                 best = min(best, time.perf_counter() - t)
@@ -158,8 +189,6 @@ def bench_shards(samples: int = 20_000) -> None:
                         tf.addfile(info, io.BytesIO(data))
 
         def with_webdataset():
-            import webdataset as wds
-
             with wds.TarWriter(str(Path(tmp) / "wds.tar")) as w:
                 for key, img, txt, meta in rows:
                     w.write({"__key__": key, "jpg": img, "txt": txt, "json": meta})
@@ -170,12 +199,14 @@ def bench_shards(samples: int = 20_000) -> None:
         t_ours = timed(lambda: write_shard(str(Path(tmp) / "wit.tar"), rows, "jpg"))
         t_tf = timed(with_tarfile)
         t_wds = timed(with_webdataset)
-    print(f"shard writing, {samples:,} samples, {total:.0f} MB, best of 3:")
+    print(f"shard writing, {samples:,} samples, {total:.0f} MB, best of {repeats}:")
     print(f"  to the page cache: raw f.write {total / t_raw:.0f} MB/s, wit's tar stream "
           f"{total / t_layer:.0f} MB/s ({t_raw / t_layer:.0%} of raw), tarfile {total / t_tf:.0f} MB/s, "
           f"webdataset TarWriter {total / t_wds:.0f} MB/s")
     print(f"  durably (fsync): raw f.write {total / t_raw_durable:.0f} MB/s, wit's write_shard "
           f"{total / t_ours:.0f} MB/s ({t_raw_durable / t_ours:.0%} of raw)")
+    return [f"tar stream {t_raw / t_layer:.2f}x raw f.write", f"write_shard {t_raw_durable / t_ours:.2f}x raw "
+            f"f.write + fsync", f"{t_tf / t_layer:.1f}x tarfile"]
 
 
 def bench_balance(rows: int, chunk: int = 10_000_000) -> None:
@@ -204,12 +235,19 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--hashes", type=int, default=10_000_000)
     parser.add_argument("--rows", type=int, default=100_000_000)
+    parser.add_argument("--samples", type=int, default=20_000, help="samples written to a shard")
+    parser.add_argument("--smoke", action="store_true",
+                        help="--images 24 --samples 200 --hashes 20000 --rows 100000, one timed run each")
     args = parser.parse_args()
+    repeats = 3
+    if args.smoke:
+        args.images, args.samples, args.hashes, args.rows, repeats = 24, 200, 20_000, 100_000, 1
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    bench_phash(args.images)
-    bench_shards()
-    bench_neardup(args.hashes)
-    bench_balance(args.rows)
+    ratios = bench_phash(args.images)
+    ratios += bench_shards(args.samples, repeats)
+    bench_neardup(args.hashes, brute=2_000 if args.smoke else 20_000)
+    bench_balance(args.rows, chunk=min(args.rows, 10_000_000))
+    print(f"ratio: {', '.join(ratios)}")
 
 
 if __name__ == "__main__":

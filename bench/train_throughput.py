@@ -6,6 +6,8 @@ On a GPU (the figures in bench/README.md): ViT-B-32 and ViT-B-16 at batch 256, b
     .venv/bin/python bench/train_throughput.py --models ViT-B-32 ViT-B-16 --batch 256 --steps 120 --workers 8
 On a CPU it runs the tiny model (the default), which is what CI-sized machines can do:
     .venv/bin/python bench/train_throughput.py
+--smoke: wit-tiny, 64 samples, batch 8, 3 steps, no loader workers (the test suite's check that both
+trainers still run here; its figures are start-up, not throughput).
 """
 
 from __future__ import annotations
@@ -84,7 +86,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--samples", type=int, default=4000, help="samples written to the bench shards")
     p.add_argument("--precision", default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--smoke", action="store_true",
+                   help="--models wit-tiny --samples 64 --batch 8 --steps 3 --log-every 1 --workers 0")
     args = p.parse_args()
+    if args.smoke:
+        args.models, args.samples, args.batch, args.steps, args.log_every, args.workers = \
+            ["wit-tiny"], 64, 8, 3, 1, 0
     import torch
     if args.precision == "auto":
         args.precision = "amp_bf16" if torch.cuda.is_available() else "fp32"
@@ -95,12 +102,15 @@ def main() -> None:
         shards = str(tmp / f"{{000000..{len(urls) - 1:06d}}}.tar")
         print(f"{device}; {args.samples} 256-px samples; batch {args.batch}, {args.steps} steps, "
               f"{args.workers} loader workers, {args.precision}")
+        ratios = []
         for i, model in enumerate(args.models):
             ours, ours_wait = wit(shards, model, args, tmp / f"wit-{i}-{model}")
             theirs, their_wait = open_clip_train(shards, model, args, tmp / f"oc-{i}-{model}")
             print(f"{model:10s} wit {ours:9.1f} samples/s (data wait {ours_wait:5.1%})   "
                   f"open_clip_train {theirs:9.1f} samples/s (data wait {their_wait:5.1%})   "
                   f"ratio {ours / theirs:.2f}x")
+            ratios.append(f"{ours / theirs:.2f}x open_clip_train ({model})")
+    print(f"ratio: {', '.join(ratios)}")
 
 
 if __name__ == "__main__":

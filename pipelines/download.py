@@ -39,7 +39,7 @@ from .sampling import keep_rows, read_counts
 from .urls import idna_host
 
 log = logging.getLogger("wit")
-VERSION = 1
+VERSION = 2
 
 STATUS_SCHEMA = pa.schema([
     ("uid", pa.string()), ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),

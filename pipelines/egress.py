@@ -11,7 +11,10 @@ redirects itself, so each hop is a new request through here. For each request th
   resolved by the C library like any name, then checked), and then connects to the checked address
   itself, so a second DNS answer cannot differ (no rebinding);
 - enforces a total deadline per request (not per socket read) and a cap on response bytes;
-- limits concurrency and rate per host, and backs off a host that answers 429 or 503.
+- limits concurrency and rate per host, and backs off a host that answers 429 or 503;
+- refuses a redirect to any scheme but http(s) (`file:`, `gopher:`, `data:`, `ftp:`) as `bad_scheme`.
+  urllib refuses most of those itself, and the download stage records its refusal the same way (that
+  is what holds behind an https tunnel, where the proxy cannot read the Location).
 
 A refusal is an HTTP 403 whose reason phrase says why (`wit-refused private_address`), which
 img2dataset records as the sample's error. A `route` sends every host name to one address instead of
@@ -102,6 +105,17 @@ def resolve(host: str, port: int, policy: Policy) -> tuple[str, int]:
         if problem:
             raise Refused(problem)
     return addresses[0]
+
+
+def _bad_redirect(location: str | None) -> bool:
+    """Whether a redirect leads to a scheme other than http(s): `file:`, `gopher:`, `data:`, `ftp:`..."""
+    if not location:
+        return False
+    try:
+        scheme = urlsplit(location.strip()).scheme.lower()
+    except ValueError:
+        return False  # malformed: the client fails it on its own
+    return scheme not in ("", "http", "https")
 
 
 class HostGate:
@@ -202,6 +216,8 @@ class _Handler(BaseHTTPRequestHandler):
             conn.close()
             return self._refuse("upstream_error" if time.monotonic() < deadline else "deadline")
         try:
+            if 300 <= resp.status < 400 and _bad_redirect(resp.getheader("Location")):
+                return self._refuse("bad_scheme")
             if resp.status in (429, 503):
                 self.server.gate.back_off(host, resp.getheader("Retry-After"))
             length = resp.getheader("Content-Length")

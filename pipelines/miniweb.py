@@ -2,8 +2,9 @@
 routes that misbehave the ways the open web does. Tests and `make demo` download from it.
 
 Requests arrive as the egress proxy forwards them (origin-form path, original Host header), so each
-capture is served under its original URL. The fault routes live on the host `faults.wit.test` (the
-`.test` domain is reserved and never resolves on the real web).
+capture is served under its original URL; an international host name is served under its IDNA form
+(`bücher.example` as `xn--bcher-kva.example`), whichever form the capture recorded. The fault routes
+live on the host `faults.wit.test` (the `.test` domain is reserved and never resolves on the real web).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from .urls import idna_host
 
 FAULT_HOST = "faults.wit.test"
 # Each fault route and what a downloader must make of it.
@@ -33,6 +36,9 @@ FAULT_ROUTES = {
     "/redirect/3.jpg": "a chain of three redirects to a real image",
     "/redirect-private.jpg": "a redirect to a private address",
     "/redirect-metadata.jpg": "a redirect to the link-local metadata address",
+    "/redirect-file.jpg": "a redirect to file:///etc/passwd",
+    "/redirect-gopher.jpg": "a redirect to a gopher: URL",
+    "/redirect-data.jpg": "a redirect to a data: URI (a real GIF)",
     "/slow.jpg": "a real image after a one-second delay",
     "/429.jpg": "HTTP 429 with Retry-After",
     "/ok/<name>.jpg": "the same real image under any name (exact duplicates)",
@@ -40,6 +46,11 @@ FAULT_ROUTES = {
     "/fashion/<i>.jpg": "Fashion-MNIST test image i, enlarged (evaluation-set overlap)",
 }
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+BAD_SCHEME_REDIRECTS = {
+    "/redirect-file.jpg": "file:///etc/passwd",
+    "/redirect-gopher.jpg": f"gopher://{FAULT_HOST}:70/1/x.jpg",
+    "/redirect-data.jpg": "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7",
+}
 
 
 def _strip(headers) -> list[tuple[str, str]]:
@@ -61,7 +72,8 @@ def load_captures(warcs: list[str]) -> dict[tuple[str, str], tuple[int, list, by
                     if parts.scheme != "http" or not parts.hostname or record.http_headers is None:
                         continue
                     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-                    key = (parts.hostname.lower(), target)
+                    # Served under the host's IDNA form: the Host header a client sends for it.
+                    key = (idna_host(parts.hostname) or parts.hostname.lower(), target)
                     if key not in captures:
                         captures[key] = (record.http_headers.status_code,
                                          _strip(record.http_headers.items()), record.reader.read())
@@ -191,6 +203,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(302, [("Location", "http://10.0.0.1/secret.jpg")], b"")
         if path == "/redirect-metadata.jpg":
             return self._send(302, [("Location", "http://169.254.169.254/latest/meta-data/")], b"")
+        if path in BAD_SCHEME_REDIRECTS:
+            return self._send(302, [("Location", BAD_SCHEME_REDIRECTS[path])], b"")
         if path == "/slow.jpg":
             web.stop.wait(1.0)
             return self._send(200, image, jpeg)

@@ -9,10 +9,30 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SAFE = "!#$%&'()*+,/:;=?@[]~"
 
 
+def idna_host(host: str) -> str | None:
+    """A host name in its ASCII (IDNA) form, lower-cased: `bücher.example` -> `xn--bcher-kva.example`;
+    None if it cannot be encoded. UTS #46 mapping and IDNA 2008 as browsers do (`faß.de` ->
+    `xn--fa-hia.de`), falling back to Python's IDNA 2003 codec for names the stricter rules reject
+    (an underscore, a leading hyphen). ASCII names are only lower-cased."""
+    if host.isascii():
+        return host.lower()
+    try:
+        import idna
+
+        return idna.encode(host, uts46=True).decode("ascii").lower()
+    except (ImportError, UnicodeError, ValueError):  # idna.IDNAError is a UnicodeError
+        pass
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+
+
 def normalise_url(url: str, base: str = "") -> tuple[str | None, str]:
     """(normalised absolute URL, "") or (None, reason). Resolves `url` against `base`, keeps http and
-    https only, lower-cases scheme and host, drops default ports and fragments, and percent-encodes
-    spaces and non-ASCII characters."""
+    https only, lower-cases scheme and host, converts an international host name to its IDNA form
+    (`http://bücher.example/` -> `http://xn--bcher-kva.example/`: what goes on the wire), drops default
+    ports and fragments, and percent-encodes spaces and non-ASCII characters."""
     url = url.strip()
     if not url:
         return None, "empty_url"
@@ -30,6 +50,11 @@ def normalise_url(url: str, base: str = "") -> tuple[str | None, str]:
         port = parts.port
     except ValueError:
         return None, "malformed_url"
+    if ":" not in host:  # not an IPv6 literal
+        host = idna_host(host)
+        if not host or not host.rstrip("."):
+            return None, "bad_host"
+        host = host.rstrip(".")
     netloc = host
     if ":" in host:  # IPv6 literal
         netloc = f"[{host}]"

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from wit_builder.workspace import write_parquet
 
-from .dump import DumpPart, PageError, iter_page_bytes, parse_page
+from .dump import DumpPart, PageError, iter_page_bytes, parse_page, read_site
 from .wikitext import BREAK_TOKENS, tokenize, wikitext_to_text
 
 log = logging.getLogger("wit")
@@ -60,6 +60,7 @@ def _counts_table(counter: Counter, names: list[str]) -> pa.Table:
 def count_part(path: str, start: int, end: int | None, outputs: dict[str, str]) -> dict:
     """The task function of the counting map: one dump partition in, five parquet files out."""
     part = DumpPart(path, start, end)
+    site = read_site(path)  # namespaces and language, from the file's <siteinfo>
     tokens = TokenCounter()
     links: Counter = Counter()
     titles: list[str] = []
@@ -68,7 +69,7 @@ def count_part(path: str, start: int, end: int | None, outputs: dict[str, str]) 
     for offset, data in iter_page_bytes(part):
         pages += 1
         try:
-            page = parse_page(offset, data)
+            page = parse_page(offset, data, site)
         except PageError as e:
             # One bad page is skipped and recorded; the good ones around it still count.
             log.warning("%s: %s", path, e)
@@ -79,7 +80,7 @@ def count_part(path: str, start: int, end: int | None, outputs: dict[str, str]) 
         articles += 1
         titles.append(page.title)
         targets: list[str] = []
-        tokens.add(wikitext_to_text(page.text, targets))
+        tokens.add(wikitext_to_text(page.text, targets, site))
         links.update(targets)
 
     unigrams, bigrams = tokens.finish()

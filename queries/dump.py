@@ -5,7 +5,11 @@ Memory stays bounded whatever the dump size: decompressed bytes are read in chun
 split into byte ranges of whole bz2 streams, so one file can be counted by many workers.
 
 Errors name the file and the offset: compressed offsets for bz2 problems, uncompressed offsets (and the
-page title) for XML and UTF-8 problems.
+page title) for XML and UTF-8 problems. Dumps must be UTF-8, as Wikimedia writes them; a UTF-16 or
+otherwise encoded file is refused by name rather than read as a dump without pages.
+
+The `<siteinfo>` header gives the wiki's language and namespace names (`read_site`); every partition of
+a file reads it from the start of the file, so a byte range counts like the whole.
 """
 
 from __future__ import annotations
@@ -14,14 +18,22 @@ import bz2
 import os
 import re
 import xml.etree.ElementTree as ET
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from wit_builder.errors import WitError
 
+from .wikitext import ENGLISH, Site
+
 CHUNK = 1 << 20
+SITEINFO_LIMIT = 16 << 20  # the header is a few kB; stop looking for it after this many bytes
 _TITLE = re.compile(rb"<title>(.*?)</title>", re.S)
+_SITEINFO = re.compile(rb"<siteinfo>.*?</siteinfo>", re.S)
+_XML_LANG = re.compile(rb"<mediawiki\b[^>]*?\sxml:lang=[\"']([A-Za-z0-9-]+)")
+_DBNAME = re.compile(r"([a-z_]+?)wiki$")
+_XML_DECL = re.compile(rb"(?:\xef\xbb\xbf)?<\?xml[^>]*?\sencoding=[\"']([A-Za-z0-9._:-]+)")
 
 
 @dataclass(frozen=True)
@@ -61,8 +73,9 @@ def plan_parts(dump: str, partition_bytes: int) -> list[DumpPart]:
     if not offsets or offsets[-1] >= size:
         raise WitError(f"index does not match the dump ({len(offsets)} offsets, dump {size} bytes)",
                        where=str(index))
-    # The streams before the first page (the <siteinfo> header) are skipped by starting at offset 0.
-    starts = [0] + [o for o in offsets if o > 0]
+    # The first range starts at offset 0, so it holds the <siteinfo> header, and always its first page
+    # stream too: a range of the header alone would be a part without pages.
+    starts = [0] + [o for o in offsets if o > offsets[0]]
     parts, begin = [], 0
     for s in starts[1:]:
         if s - begin >= partition_bytes:
@@ -129,6 +142,65 @@ def _chunks(part: DumpPart) -> Iterator[bytes]:
             )
 
 
+def check_encoding(head: bytes, where: str) -> None:
+    """Refuse a dump that is not UTF-8, from its first bytes (byte-order mark, zero bytes around the
+    first `<`, or the encoding its XML declaration names)."""
+    if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        encoding = "UTF-32"
+    elif head[:2] in (b"\xff\xfe", b"\xfe\xff", b"<\x00", b"\x00<"):
+        encoding = "UTF-16"
+    else:
+        m = _XML_DECL.match(head)
+        declared = m.group(1).decode("ascii") if m else "utf-8"
+        if declared.lower().replace("_", "-") in ("utf-8", "utf8", "us-ascii", "ascii"):
+            return
+        encoding = declared
+    raise WitError(f"the dump is encoded as {encoding}; only UTF-8 dumps can be read (convert it first, "
+                   f"e.g. `iconv -f {encoding} -t UTF-8`)", where=where, record="uncompressed byte 0")
+
+
+def read_site(path: str) -> Site:
+    """The wiki's language and namespaces, from the `<siteinfo>` at the start of the dump file.
+
+    Namespace names come from `<namespaces>` (`<namespace key="14">Категория</namespace>`; a key listed
+    twice gives an alias) and, where present, from `<namespacealiases>` (`<ns id="6">Картинка</ns>`, the
+    API's form). A dump without them falls back to the canonical English names (see `Site`).
+    """
+    head = bytearray()
+    with closing(_chunks(DumpPart(path))) as chunks:
+        for chunk in chunks:
+            if not head:
+                check_encoding(chunk, path)
+            head += chunk
+            if b"</siteinfo>" in head or b"<page>" in head or len(head) >= SITEINFO_LIMIT:
+                break
+    return parse_site(bytes(head), path)
+
+
+def parse_site(head: bytes, where: str = "") -> Site:
+    """The `Site` of a dump from its first bytes: the language from `<mediawiki xml:lang>` (else the
+    `<dbname>`), the namespaces from `<siteinfo>`."""
+    m = _XML_LANG.search(head, 0, head.find(b"<siteinfo>") if b"<siteinfo>" in head else 4096)
+    lang = m.group(1).decode("ascii") if m else ""
+    info = _SITEINFO.search(head)
+    if info is None or head.find(b"<page>", 0, info.start()) >= 0:
+        return Site(lang or "en")
+    try:
+        el = ET.fromstring(info.group(0))
+    except ET.ParseError as e:
+        raise WitError(f"malformed <siteinfo>: {e}", where=where,
+                       record=f"uncompressed byte {info.start()}") from None
+    if not lang:
+        db = _DBNAME.match(el.findtext("dbname") or "")
+        lang = db.group(1).replace("_", "-") if db else "en"
+    names: dict[str, int] = {}
+    for ns in [*el.iterfind("namespaces/namespace"), *el.iterfind("namespacealiases/*")]:
+        key = ns.get("key", ns.get("id"))
+        if key is not None and key.lstrip("-").isdigit() and (ns.text or "").strip():
+            names[ns.text.strip()] = int(key)
+    return Site(lang, names)
+
+
 @dataclass
 class Page:
     offset: int  # uncompressed byte offset of `<page>` within the part
@@ -151,7 +223,11 @@ def iter_page_bytes(part: DumpPart) -> Iterator[tuple[int, bytes]]:
     buf = bytearray()
     base = 0  # uncompressed offset of buf[0]
     found = False
+    first = part.start == 0
     for chunk in _chunks(part):
+        if first:
+            check_encoding(chunk, part.path)
+            first = False
         buf += chunk
         pos = 0
         while True:
@@ -178,7 +254,9 @@ def iter_page_bytes(part: DumpPart) -> Iterator[tuple[int, bytes]]:
         raise WitError("empty dump: no <page> elements found", where=part.path)
 
 
-def parse_page(offset: int, data: bytes) -> Page:
+def parse_page(offset: int, data: bytes, site: Site | None = None) -> Page:
+    """One `<page>` element. Without an `<ns>` tag (older dumps) the namespace is read from the title's
+    prefix, with the site's namespace names."""
     try:
         el = ET.fromstring(data)
     except ET.ParseError as e:
@@ -190,10 +268,12 @@ def parse_page(offset: int, data: bytes) -> Page:
             raise PageError(offset + u.start, title, f"invalid UTF-8 ({u.reason})") from None
         raise PageError(offset, title, f"malformed XML: {e}") from None
     text = el.findtext("revision/text") or ""
+    title = el.findtext("title") or ""
+    ns = el.findtext("ns")
     return Page(
         offset=offset,
-        title=el.findtext("title") or "",
-        ns=int(el.findtext("ns") or 0),
+        title=title,
+        ns=int(ns) if ns and ns.strip() else (site or ENGLISH).namespace_of(title),
         redirect=el.find("redirect") is not None,
         text=text,
     )

@@ -24,7 +24,7 @@ from .tables import read_pageviews, read_unigram_table
 from .wordnet import DATA_FILES, wordnet_entries
 
 SOURCES = ("wordnet", "unigram", "bigram", "title")
-VERSION = 1
+VERSION = 2  # 2: namespaces from <siteinfo>, decimals, markup dropped from the unigram table
 
 QUERIES_SCHEMA = pa.schema([
     ("query_id", pa.int32()),

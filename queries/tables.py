@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import html
 import logging
+import re
+from html.entities import html5
 from pathlib import Path
 
 import duckdb
@@ -25,10 +28,44 @@ def is_clean_word(word: str) -> bool:
     return bool(word) and word[0].isalnum() and word[-1].isalnum()
 
 
+# An entity whose `&` the table's tokenizer cut off: 'lt;br&gt' is `&lt;br&gt;`.
+_ENTITY_HEAD = re.compile(r"(#\d+|#x[0-9a-f]+|[a-z][a-z0-9]*);", re.I)
+_MARKUP_CHARS = re.compile(r'[<>\[\]{}|="]')
+_CSS_WORD = (r"(?:background|color|colour|width|height|margin|padding|border|font|text|align|vertical"
+             r"|display|float|white|left|right|center|top|bottom|middle|bold|italic|normal|none|solid)")
+_MARKUP = re.compile(
+    r"#[0-9a-f]{3}(?:[0-9a-f]{3})?\b"                                  # CSS colours: color:#e9e9e9
+    rf"|^{_CSS_WORD}(?:-[a-z]+)*:"                                       # CSS declarations: width:50
+    rf"|{_CSS_WORD};|;{_CSS_WORD}"                                       # text-align:left;vertical-align
+    r"|^(?:category|file|image|template|wikipedia|portal|help|user|special|talk|module|draft|media"
+    r"|mediawiki):"                                                      # namespace prefixes
+    r"|^(?:formula|codice)_\d"                                          # WikiExtractor's placeholders
+    r"|^\d*(?:x\d+)?px$",                                             # image and CSS sizes: 250px
+    re.I,
+)
+
+
+def unescape_word(word: str) -> str:
+    """HTML entities decoded, including one whose `&` was cut off at the start ('r&amp;b' -> 'r&b',
+    'lt;br&gt' -> '<br>')."""
+    m = _ENTITY_HEAD.match(word)
+    if m and (m.group(1).startswith("#") or m.group(1) + ";" in html5):
+        word = "&" + word
+    return html.unescape(word) if "&" in word else word
+
+
+def is_markup(word: str) -> bool:
+    """Wikitext or HTML that a table's tokenizer took for a word: tags and attributes (`<br>`,
+    `colspan=9`, `scope="row`, `align="right"|100`), brackets (`t]he`, from `[T]he`), italics turned into
+    quotes (`billboard"s`), CSS (`color:#e9e9e9`, `left;vertical`), namespace prefixes (`category:20th`),
+    placeholders (`formula_1`) and sizes (`250px`). Read after `unescape_word`."""
+    return bool(_MARKUP_CHARS.search(word) or _MARKUP.search(word) or any(c.isspace() for c in word))
+
+
 def read_unigram_table(path: str | Path) -> dict[str, int]:
-    """`word;count` or `word<TAB>count` lines (plain, .gz or .bz2). Empty words and tokenizer
-    artifacts (see `is_clean_word`) are dropped; a malformed line is skipped with a warning that
-    names it."""
+    """`word;count` or `word<TAB>count` lines (plain, .gz or .bz2). Entities are decoded (`r&amp;b`
+    counts as `r&b`); empty words, tokenizer artifacts (see `is_clean_word`) and markup (see
+    `is_markup`) are dropped; a malformed line is skipped with a warning that names it."""
     path = Path(path)
     if not path.is_file():
         raise WitError("unigram count table not found", where=str(path))
@@ -44,8 +81,8 @@ def read_unigram_table(path: str | Path) -> dict[str, int]:
                 if not _ or not count.strip().isdigit():
                     bad.append(lineno)
                     continue
-                word = word.strip()
-                if is_clean_word(word):
+                word = unescape_word(word.strip())
+                if is_clean_word(word) and not is_markup(word):
                     counts[word] = counts.get(word, 0) + int(count)
     except UnicodeDecodeError as e:
         raise WitError(f"invalid UTF-8 ({e.reason})", where=str(path), record=f"line {lineno + 1}") from None

@@ -95,4 +95,5 @@ def test_a_bad_file_fails_its_partition_and_keeps_the_good_ones(tmp_path, sample
 
 def test_dump_not_found(tmp_path):
     proc = wit("run", write_recipe(tmp_path, wikipedia=[str(tmp_path / "missing.xml.bz2")]), check=False)
-    assert proc.returncode == 2 and "missing.xml.bz2: dump file not found" in proc.stderr
+    assert proc.returncode == 2 and "inputs not found" in proc.stderr
+    assert f"queries.wikipedia: {tmp_path / 'missing.xml.bz2'}: file not found" in proc.stderr

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -379,3 +381,147 @@ def test_eval_on_an_image_folder(fashion_run, tmp_path):
                "--json")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["images"] == 600 and result["top1"] > 0.5
+
+
+# --- class names, open_clip's trainer, wit train's options -----------------------------------------
+
+def png_of(colour: tuple[int, int, int], side: int = 32) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_classnames_for_an_image_folder_are_matched_to_folders_by_name(tmp_path, capsys):
+    """A --classnames file in another order than the folders' alphabetical one labels every image
+    with its own folder's name; a name without a folder or a folder without a name is refused."""
+    colours = {"Apple": (200, 0, 0), "mid_point": (0, 200, 0), "zebra": (0, 0, 200)}
+    root = tmp_path / "set"
+    for folder, colour in colours.items():
+        (root / folder).mkdir(parents=True)
+        for i in range(3):
+            (root / folder / f"{i}.png").write_bytes(png_of(colour))
+    names = tmp_path / "names.txt"
+    names.write_text("Mid Point\nzebra\napple\n")  # not the folders' order; case and '_' differ
+    name_of_colour = {colour: folder.replace("_", " ").lower() for folder, colour in colours.items()}
+
+    def labels_match(dataset, classnames):
+        seen = 0
+        for b in dataset:
+            for image, label in zip(b["images"], b["labels"]):
+                colour = tuple(int(v) for v in image[16, 16])
+                assert classnames[int(label)].lower() == name_of_colour[colour], (colour, int(label))
+                seen += 1
+        assert seen == 9
+
+    # During training (--eval-classnames) and in wit eval (--classnames).
+    args = train.parser().parse_args(["--data", "x", "--steps", "1", "--output", str(tmp_path / "o"),
+                                      "--eval-data", str(root), "--eval-classnames", str(names)])
+    during = train.EvalSet(args, 32)
+    labels_match(during.dataset, during.classnames)
+    dataset, classnames = zeroshot.labelled_set(str(root), 32, 4, classnames=names)
+    assert classnames == ["Mid Point", "zebra", "apple"]
+    labels_match(dataset, classnames)
+    # Without a file the folders name the classes, in alphabetical order.
+    dataset, classnames = zeroshot.labelled_set(str(root), 32, 4)
+    assert classnames == ["Apple", "mid point", "zebra"]
+    labels_match(dataset, classnames)
+
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("zebra\napple\nbanana\n")
+    with pytest.raises(WitError) as e:
+        zeroshot.labelled_set(str(root), 32, 4, classnames=wrong)
+    assert "'banana'" in str(e.value) and "'mid_point'" in str(e.value) and str(wrong) in str(e.value)
+    assert zeroshot.main(["--data", str(root), "--classnames", str(wrong), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "class names with no folder: 'banana'" in err and "folders with no class name: 'mid_point'" in err
+    twice = tmp_path / "twice.txt"
+    twice.write_text("zebra\napple\nmid point\nMid_Point\n")
+    with pytest.raises(WitError, match="more than once: 'mid point' = 'Mid_Point'"):
+        zeroshot.labelled_set(str(root), 32, 4, classnames=twice)
+
+
+def test_open_clips_trainer_finds_sizes_and_the_tiny_model(tmp_path):
+    """trainer.fashion writes sizes.json, which open_clip's trainer reads for the sample count; and
+    the README's one line makes wit-tiny an open_clip model in a process that never imported ours."""
+    from open_clip_train.data import get_dataset_size
+
+    train_shards, test_shards = fashion.build(tmp_path, per_shard=40, limit=90)
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    in_tars = {p.name: sum(m.name.endswith(".png") for m in tarfile.open(p)) for p in train_shards + test_shards}
+    assert sizes == in_tars == {f"{split}-00000{i}.tar": n for split in ("train", "test")
+                                for i, n in enumerate((40, 40, 10))}
+    assert get_dataset_size(str(tmp_path / "train-{000000..000002}.tar")) == (90, 3)
+
+    line = re.search(r"open_clip\.add_model_config\((['\"])([^'\"]+)\1\)",
+                     (REPO / "README.md").read_text())
+    assert line, "the README documents open_clip.add_model_config(...)"
+    script = ("import sys, open_clip\n"
+              "assert 'wit-tiny' not in open_clip.list_models()\n"
+              f"{line.group(0)}\n"
+              "model = open_clip.create_model('wit-tiny')\n"
+              "assert 'trainer' not in sys.modules\n"
+              "print(model.visual.image_size, model.text_projection.shape[1], model.context_length)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-4:] == ["(32,", "32)", "128", "24"]
+
+
+def test_wit_train_help_shows_every_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside a help text
+    help_text = train.parser().format_help()
+    # Each option's entry: its line and the indented lines under it, joined.
+    entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)|\n(?=\S)", help_text)]
+    shown = 0
+    for action in train.parser()._actions:
+        if (not action.option_strings or action.required or action.nargs == 0
+                or action.default in (None, argparse.SUPPRESS)):
+            continue
+        entry = next(e for e in entries if e.startswith(action.option_strings[0] + " "))
+        default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) \
+            else str(action.default)
+        assert entry.endswith(f"(default: {default})"), entry
+        shown += 1
+    assert shown >= 20
+    assert "(default: 256)" in help_text and "(default: 100)" in help_text
+    assert "default: None" not in help_text and "default: False" not in help_text
+
+
+def test_a_warmup_not_shorter_than_the_run_is_warned_about(tmp_path, caplog):
+    missing = "/nonexistent/shard-{000000..000001}.tar"  # fails after the arguments are checked
+    for warmup, warned in ((50, True), (20, True), (19, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="wit.train"):
+            assert train.main(["--data", missing, "--steps", "20", "--warmup", str(warmup),
+                               "--output", str(tmp_path / "run")]) == 2
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(f"--warmup {warmup} is not fewer than --steps 20" in m for m in messages) == warned, messages
+
+
+def test_resume_refuses_another_batch_size(tmp_path, capsys):
+    samples = [(f"s{i:03d}", png_of((8 * i, 255 - 8 * i, 128)), f"a square of shade {i}", b"{}")
+               for i in range(24)]
+    write_shard(str(tmp_path / "a.tar"), samples, "png")
+    out = tmp_path / "run"
+
+    def run(steps: int, batch_size: int) -> int:
+        return train.main(["--data", str(tmp_path / "a.tar"), "--output", str(out), "--steps", str(steps),
+                           "--batch-size", str(batch_size), "--workers", "0", "--warmup", "0",
+                           "--save-every", "1", "--shuffle-buffer", "0", "--device", "cpu"])
+
+    assert run(1, 8) == 0
+    first = out / "checkpoints" / "step_00000001.pt"
+    assert torch.load(first, weights_only=False)["batch_size"] == 8
+    capsys.readouterr()
+    assert run(2, 4) == 2
+    err = capsys.readouterr().err
+    assert str(first) in err and "--batch-size 8" in err and "--batch-size 4" in err
+    assert not (out / "checkpoints" / "step_00000002.pt").exists()
+    assert run(2, 8) == 0  # the same batch size resumes
+    # A checkpoint from before the batch size was recorded is accepted.
+    second = out / "checkpoints" / "step_00000002.pt"
+    state = torch.load(second, weights_only=False)
+    del state["batch_size"], state["args"]
+    torch.save(state, second)
+    assert run(3, 4) == 0
+    assert [int(r["samples"]) for r in read_csv(out / "log.csv")][-1] == 8 + 8 + 4

@@ -2,7 +2,9 @@
 
 The train split becomes image-caption shards whose captions vary templates, synonyms of the class
 names and attributes read off the pixels (tone, fill); the test split becomes shards with a `cls`
-field in their .json and a classnames.txt beside them, ready for `wit eval`.
+field in their .json and a classnames.txt beside them, ready for `wit eval`. A sizes.json beside
+them gives each shard's sample count (open_clip's convention, so open_clip's own trainer needs no
+--train-num-samples).
 
     python -m trainer.fashion OUT [--source DIR] [--per-shard N]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import json
 import random
 import sys
 from pathlib import Path
@@ -88,9 +91,9 @@ def png(image: np.ndarray) -> bytes:
 
 
 def write_split(out: Path, split: str, source: Path, per_shard: int, seed: int = 0,
-                limit: int | None = None) -> list[Path]:
+                limit: int | None = None, sizes: dict | None = None) -> list[Path]:
     """Shards of (png, caption, {"cls": label}) in the corpus's own layout; test captions simply
-    name the class."""
+    name the class. Each shard's sample count goes into sizes, by file name."""
     images, labels = load(split, source)
     order = np.random.default_rng(seed).permutation(len(images))[:limit]
     rng = random.Random(seed)
@@ -103,16 +106,20 @@ def write_split(out: Path, split: str, source: Path, per_shard: int, seed: int =
             samples.append((f"{split}{i:05d}", png(images[i]), text, b'{"cls": %d}' % label))
         paths.append(out / f"{split}-{start // per_shard:06d}.tar")
         write_shard(str(paths[-1]), samples, "png")
+        if sizes is not None:
+            sizes[paths[-1].name] = len(samples)
     return paths
 
 
 def build(out: str | Path, source: Path = SOURCE, per_shard: int = 5000,
           limit: int | None = None) -> tuple[list[Path], list[Path]]:
-    """Write train-*.tar and test-*.tar shards, then classnames.txt (last: it marks the set
-    complete); return the two shard lists."""
+    """Write train-*.tar and test-*.tar shards, sizes.json (samples per shard, open_clip's
+    convention), then classnames.txt (last: it marks the set complete); return the two shard lists."""
     out = Path(out)
-    shards = (write_split(out, "train", source, per_shard, limit=limit),
-              write_split(out, "test", source, per_shard, limit=limit))
+    sizes: dict[str, int] = {}
+    shards = (write_split(out, "train", source, per_shard, limit=limit, sizes=sizes),
+              write_split(out, "test", source, per_shard, limit=limit, sizes=sizes))
+    atomic_write_bytes(out / "sizes.json", json.dumps(sizes, indent=1).encode())
     atomic_write_bytes(out / "classnames.txt", ("\n".join(CLASSNAMES) + "\n").encode())
     return shards
 

@@ -48,9 +48,25 @@ LOG_FIELDS = ["step", "samples", "loss", "lr", "logit_scale", "temperature", "sa
 EVAL_FIELDS = ["step", "top1", "top5", "images"]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and every option's default after its help (argparse's
+    ArgumentDefaultsHelpFormatter, less the noise: no 'None' for options without a default, no
+    'False' for flags, and lists as they are typed). argparse prints nothing for an option without
+    help text, so every option has some."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default is None or default is argparse.SUPPRESS
+                or action.required or action.nargs == 0 or not action.option_strings):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {default})".lstrip().replace("%", "%%")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wit train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="wit train", description=__doc__, formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", action="append", required=True,
                    help="shards: a path, brace pattern, glob, folder of .tar, pipe: or URL; "
@@ -58,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--data-weights", type=float, nargs="+", help="one sampling weight per source")
     d.add_argument("--no-resampled", dest="resampled", action="store_false",
                    help="loop over each worker's share of shards instead of drawing with replacement")
-    d.add_argument("--shuffle-buffer", type=int, default=2000)
+    d.add_argument("--shuffle-buffer", type=int, default=2000, help="samples in the shuffle buffer")
     d.add_argument("--crop-scale", type=float, nargs=2, default=(0.9, 1.0),
                    help="area range of the random square crop, relative to the largest square")
     d.add_argument("--workers", type=int, default=2, help="data loader processes per rank")
@@ -67,31 +83,35 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--init", help="start from this checkpoint's weights (local file)")
     m.add_argument("--steps", type=int, required=True, help="optimiser steps in all")
     m.add_argument("--batch-size", type=int, default=256, help="per rank")
-    m.add_argument("--lr", type=float, default=5e-4)
-    m.add_argument("--wd", type=float, default=0.2)
-    m.add_argument("--beta1", type=float, default=0.9)
-    m.add_argument("--beta2", type=float, default=0.98)
-    m.add_argument("--eps", type=float, default=1e-6)
-    m.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    m.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    m.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay, on weight matrices only")
+    m.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    m.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
+    m.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
+    m.add_argument("--warmup", type=int, default=100,
+                   help="linear warm-up steps; warns when not fewer than --steps")
     m.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns it off")
     m.add_argument("--precision", choices=["auto", "fp32", "amp_bf16", "amp"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU; amp is fp16 with a grad scaler")
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="seeds the weights and the data stream")
     r = p.add_argument_group("run folder")
     r.add_argument("--output", required=True, help="run folder: checkpoints, log.csv, eval.csv")
     r.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
     r.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     r.add_argument("--resume", default="auto",
-                   help="auto (newest checkpoint in --output, if any), none, or a checkpoint path")
-    r.add_argument("--log-every", type=int, default=10)
+                   help="auto (newest checkpoint in --output, if any), none, or a checkpoint path; "
+                        "a resumed run needs the checkpoint's --model and --batch-size")
+    r.add_argument("--log-every", type=int, default=10, help="log.csv row every N steps")
     e = p.add_argument_group("zero-shot evaluation during training")
     e.add_argument("--eval-data", help="image folder or shards with a class field")
-    e.add_argument("--eval-classnames", help="file, one class name per line")
+    e.add_argument("--eval-classnames", help="file, one class name per line (for an image folder, "
+                                             "matched to the sub-folders by name)")
     e.add_argument("--eval-templates", help="file, one template per line with {} (default: 80 ImageNet)")
-    e.add_argument("--eval-class-key", default="cls")
-    e.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
+    e.add_argument("--eval-class-key", default="cls", help="the shards' class field (.cls or in .json)")
+    e.add_argument("--eval-every", type=int, default=0,
+                   help="steps between evaluations; 0: at the end only")
     return p
 
 
@@ -171,6 +191,19 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+def check_batch_size(state: dict, batch_size: int, where: Path) -> None:
+    """A run resumes only at the batch size it was trained with (the schedule, the sample count and
+    the loss's scale all assume it). Older checkpoints have it only among their saved arguments;
+    one that has it nowhere passes."""
+    saved = state.get("batch_size")
+    if saved is None and isinstance(state.get("args"), dict):
+        saved = state["args"].get("batch_size")
+    if saved is not None and int(saved) != batch_size:
+        raise WitError(f"checkpoint was trained with --batch-size {saved}, and this run asks for "
+                       f"--batch-size {batch_size}; resume with --batch-size {saved}, or start afresh "
+                       f"in another --output (or with --resume none)", where=str(where))
+
+
 class CsvLog:
     """An append-only CSV that a resumed run first cuts back to the checkpoint's step."""
 
@@ -228,6 +261,9 @@ def check(args) -> None:
         raise WitError(f"--crop-scale must satisfy 0 < low <= high <= 1, got {args.crop_scale}")
     if args.warmup < 0 or args.lr <= 0 or args.wd < 0 or args.workers < 0:
         raise WitError("--warmup, --wd and --workers must be >= 0 and --lr > 0")
+    if args.warmup >= args.steps and int(os.environ.get("RANK", 0)) == 0:
+        log.warning("--warmup %d is not fewer than --steps %d: the learning rate never reaches --lr "
+                    "%g and the cosine decay never starts", args.warmup, args.steps, args.lr)
 
 
 def train(args) -> dict:
@@ -256,6 +292,7 @@ def train(args) -> dict:
         state = load_checkpoint(resume)
         if state["model"] != args.model:
             raise WitError(f"checkpoint is of {state['model']}, not --model {args.model}", where=str(resume))
+        check_batch_size(state, args.batch_size, resume)
         models.load_state(model, state["state_dict"], str(resume))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -332,7 +369,8 @@ def train(args) -> dict:
         if step % args.save_every == 0 or step == args.steps:
             if env.main:
                 checkpoints.save({
-                    "model": args.model, "step": step, "samples": samples, "skipped": skipped,
+                    "model": args.model, "batch_size": args.batch_size, "step": step,
+                    "samples": samples, "skipped": skipped,
                     "state_dict": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "args": vars(args)}, step)
@@ -352,13 +390,9 @@ class EvalSet:
     """The --eval-data set with its class names and templates, read once."""
 
     def __init__(self, args, image_size: int):
-        self.dataset, default_names = zeroshot.labelled_set(
-            args.eval_data, image_size, 256, args.eval_class_key)
-        if args.eval_classnames:
-            self.classnames = zeroshot.read_lines(args.eval_classnames)
-        elif default_names:
-            self.classnames = default_names
-        else:
+        self.dataset, self.classnames = zeroshot.labelled_set(
+            args.eval_data, image_size, 256, args.eval_class_key, args.eval_classnames)
+        if not self.classnames:
             raise WitError("no class names: pass --eval-classnames, or put classnames.txt beside the "
                            "shards", where=args.eval_data)
         self.templates = zeroshot.read_templates(args.eval_templates)

@@ -3,8 +3,10 @@
 A labelled set is an image folder (one sub-folder per class, named by the class) or WebDataset shards
 whose samples carry a class index (a `.cls` member, or a field of the `.json` member). Class names and
 templates come from files (one per line, templates with `{}` for the name), or default to the folder
-names, a classnames.txt beside the shards, and open_clip's 80 ImageNet templates. Each class's
-prompts are averaged in embedding space (open_clip's build_zero_shot_classifier).
+names, a classnames.txt beside the shards, and open_clip's 80 ImageNet templates. A class-name file
+given with an image folder is matched to the folders by name (case and '_' for ' ' aside), never by
+position; a name without a folder or a folder without a name is an error. Each class's prompts are
+averaged in embedding space (open_clip's build_zero_shot_classifier).
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ def read_templates(path: str | Path | None) -> list:
 class ImageFolder(torch.utils.data.IterableDataset):
     """root/<class>/<image>: centre-cropped uint8 batches with labels, split over workers."""
 
-    def __init__(self, root: Path, image_size: int, batch_size: int):
+    def __init__(self, root: Path, image_size: int, batch_size: int, classes: list[str] | None = None):
+        """classes: the sub-folders in class-index order (default: alphabetical)."""
         super().__init__()
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.classes = classes if classes is not None else class_folders(root)
         self.files = [(f, c) for c, name in enumerate(self.classes)
                       for f in sorted((root / name).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
         if not self.files:
@@ -76,18 +79,67 @@ class ImageFolder(torch.utils.data.IterableDataset):
             yield batch(images, labels)
 
 
+def class_folders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def same_name(name: str) -> str:
+    """The form names and folders are matched in: case-insensitive, '_' equal to ' '."""
+    return " ".join(name.replace("_", " ").casefold().split())
+
+
+def match_folders(root: Path, classnames: list[str], where: str | None = None) -> list[str]:
+    """The class folder for each class name, in the names' order; an error when a name has no
+    folder, a folder has no name, or a match is ambiguous."""
+    folders: dict[str, list[str]] = {}
+    for folder in class_folders(root):
+        folders.setdefault(same_name(folder), []).append(folder)
+    names: dict[str, list[str]] = {}
+    for name in classnames:
+        names.setdefault(same_name(name), []).append(name)
+    problems = []
+    if unnamed := [f for key, fs in folders.items() if key not in names for f in fs]:
+        problems.append(f"folders with no class name: {', '.join(map(repr, unnamed))}")
+    if missing := [n for key, ns in names.items() if key not in folders for n in ns]:
+        problems.append(f"class names with no folder: {', '.join(map(repr, missing))}")
+    if repeated := [ns for ns in names.values() if len(ns) > 1]:
+        problems.append("class names given more than once: "
+                        + "; ".join(" = ".join(map(repr, ns)) for ns in repeated))
+    if clashing := [fs for fs in folders.values() if len(fs) > 1]:
+        problems.append("folders that only differ in case or '_': "
+                        + "; ".join(" = ".join(map(repr, fs)) for fs in clashing))
+    if problems:
+        raise WitError("the class names do not match the class folders of " + str(root) + " (names "
+                       "match folders ignoring case, with '_' equal to ' '): " + "; ".join(problems),
+                       where=where)
+    return [folders[same_name(name)][0] for name in classnames]
+
+
 def batch(images: list[np.ndarray], labels: list[int]) -> dict:
     return {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels)}
 
 
-def labelled_set(spec: str, image_size: int, batch_size: int, class_key: str = "cls"):
-    """Return (dataset, default class names or None) for a folder of class folders or shards."""
+def labelled_set(spec: str, image_size: int, batch_size: int, class_key: str = "cls",
+                 classnames: str | Path | None = None):
+    """Return (dataset, class names or None) for a folder of class folders or shards.
+
+    classnames: a file of class names. For shards its lines are the class indices' names in order;
+    for an image folder each name is matched to the folder of that name (ignoring case, '_' equal
+    to ' ') and the class indices follow the file's order. Without it, a folder's classes are its
+    sub-folders in alphabetical order, and shards' names come from a classnames.txt beside them.
+    """
+    names = read_lines(classnames) if classnames else None
     path = Path(spec)
     if path.is_dir() and not any(path.glob("*.tar")):
-        folder = ImageFolder(path, image_size, batch_size)
-        return folder, [c.replace("_", " ") for c in folder.classes]
+        if names is None:
+            folder = ImageFolder(path, image_size, batch_size)
+            return folder, [c.replace("_", " ") for c in folder.classes]
+        classes = match_folders(path, names, where=str(classnames))
+        return ImageFolder(path, image_size, batch_size, classes), names
     sources = data.sources([spec])
     stream = data.ShardStream(sources, None, image_size, batch_size, labels=class_key)
+    if names is not None:
+        return stream, names
     beside = Path(sources[0].urls[0]).parent / "classnames.txt"
     return stream, read_lines(beside) if beside.is_file() else None
 
@@ -138,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="weights to evaluate: a checkpoint file (wit train's or "
                                         "open_clip's) or a wit train run folder (its newest); "
                                         "without one the model is untrained")
-    p.add_argument("--classnames", help="file, one class name per line, in class-index order")
+    p.add_argument("--classnames", help="file, one class name per line: in class-index order for "
+                                        "shards; for an image folder each name is matched to the "
+                                        "sub-folder of that name (case and '_' for ' ' aside)")
     p.add_argument("--templates", help="file, one template per line with {} (default: 80 ImageNet)")
     p.add_argument("--class-key", default="cls", help="the shards' class field (.cls or in .json)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -161,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, size, mean, std = models.create(name, device=device)
         if state is not None:
             models.load_state(model, state, str(checkpoint))
-        dataset, default_names = labelled_set(args.data, size, args.batch_size, args.class_key)
-        classnames = read_lines(args.classnames) if args.classnames else default_names
+        dataset, classnames = labelled_set(args.data, size, args.batch_size, args.class_key,
+                                           args.classnames)
         if not classnames:
             raise WitError("no class names: pass --classnames, or put classnames.txt beside the shards",
                            where=args.data)

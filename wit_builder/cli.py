@@ -100,7 +100,8 @@ def cmd_run(args) -> int:
                 run_stage(stages[name], run, executor, force=args.force)
         finally:
             executor.close()
-    if "shards" in chosen and not read_manifest(run, "shards").partitions:
+    # A recipe with pairs to find must end in shards (one without inputs builds a query list only).
+    if "shards" in chosen and recipe.candidates.inputs and not read_manifest(run, "shards").partitions:
         raise WitError(f"the run made no shards: {why_empty(run.dir)}", where=str(run.dir))
     log.info("done. Query it: wit sql %s \"SELECT * FROM queries LIMIT 10\"", run.dir)
     return 0
