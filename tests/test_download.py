@@ -99,7 +99,8 @@ def test_loopback_is_refused_under_the_default_policy(tmp_path):
     with MiniWeb([ARCHIVE]) as web:
         url = f"http://127.0.0.1:{web.address[1]}/ok/x.jpg"
         recipe, run_dir = make_run(tmp_path, "strict", [(url, "a picture")])
-        wit("run", recipe)
+        proc = wit("run", recipe, check=False)
+        assert proc.returncode == 2 and "all 1 downloads failed or were refused: loopback_address" in proc.stderr
         assert web.requests == 0  # nothing reached the server
     row = pq.read_table(run_dir / "download/part-strict.csv.parquet").to_pylist()[0]
     assert (row["status"], row["reason"]) == ("refused", "loopback_address")
