@@ -96,6 +96,24 @@ def test_one_big_csv_runs_as_several_partitions_in_parallel(tmp_path):
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "no two partitions ran at the same time"
 
 
+def test_a_new_partitioning_leaves_no_stale_partition_files(tmp_path):
+    listing = tmp_path / "list.csv"
+    listing.write_text("url,caption\n" + "".join(f"http://h.example/{i}.jpg,a photo {i}\n" for i in range(3000)))
+    recipe = tmp_path / "p.toml"
+    for partition_rows in (100_000, 500):
+        recipe.write_text(tomli_w.dumps({
+            "run": {"name": "p", "root": str(tmp_path / "runs"), "workers": 1},
+            "queries": {"unigram_counts": str(listing), "wordnet": ""},
+            "candidates": {"inputs": [str(listing)], "partition_rows": partition_rows}}))
+        wit("run", recipe, "--stage", "candidates", "--stage", "filter")
+    run_dir = tmp_path / "runs" / "p"
+    for folder in ("candidates", "candidates/rejects", "filtered"):
+        names = sorted(p.name for p in (run_dir / folder).glob("part-*.parquet"))
+        assert len(names) >= 5 and all(n.startswith("part-list.csv-") for n in names), names
+    counts = wit("sql", run_dir, "SELECT count(*) AS n FROM candidates", "--json").stdout
+    assert json.loads(counts) == {"n": 3000}
+
+
 def kill_at(recipe: Path, marker: Path, *stages: str) -> None:
     """Start `wit run`, SIGKILL it as soon as `marker` exists."""
     proc = subprocess.Popen([sys.executable, "-m", "wit_builder.cli", "run", str(recipe), *stages],

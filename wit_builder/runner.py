@@ -320,11 +320,13 @@ def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
     counts (partitions, ran, skipped); raises WitError naming every failed partition."""
     plan = stage.plan(run)
     counts: dict | None = None
+    outputs: set[str] = set()
     step = 0
     try:
         tasks = next(plan)
         while True:
             info = run_step(stage, step, tasks, executor, force)
+            outputs.update(p for t in tasks for p in t.outputs)
             counts = counts or info
             step += 1
             tasks = plan.send(None)
@@ -336,4 +338,19 @@ def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
     atomic_write_bytes(manifest_path(run, stage.name), manifest.to_json())
     for folder in manifest.scratch:
         shutil.rmtree(folder, ignore_errors=True)
+    if removed := remove_stale_outputs(outputs):
+        log.info("%s: removed %d files of partitions that this plan no longer has", stage.name, removed)
     return counts or {"partitions": 0, "ran": 0, "skipped": 0}
+
+
+def remove_stale_outputs(outputs: set[str]) -> int:
+    """Partition files (`part-*.parquet`, `bNNNNN.parquet`) beside this plan's outputs that the plan
+    did not write: left by an earlier plan with other partitions (a new `partition_rows`, a renamed
+    input). The DuckDB views read every part file of a folder, so they would be counted twice."""
+    removed = 0
+    for folder in {Path(p).parent for p in outputs}:
+        for f in [*folder.glob("part-*.parquet"), *folder.glob("b[0-9][0-9][0-9][0-9][0-9].parquet")]:
+            if str(f) not in outputs:
+                f.unlink(missing_ok=True)
+                removed += 1
+    return removed
