@@ -126,12 +126,14 @@ def recall(run_dir: Path, planted: Path) -> dict:
 
 
 def measure(recipe: str, planted: str, workers: int) -> dict:
+    import pyarrow.compute as pc
+
     from pipelines.balance import BalanceStage
     from pipelines.dedup import DedupStage
     from pipelines.shard import ShardStage
     from wit_builder.recipe import load_recipe
     from wit_builder.runner import LocalExecutor, run_stage
-    from wit_builder.workspace import Run
+    from wit_builder.workspace import Run, read_table
 
     run = Run(load_recipe(recipe))
     watch = PeakWatch()
@@ -148,9 +150,13 @@ def measure(recipe: str, planted: str, workers: int) -> dict:
     executor.close()
     d = run.dir
     balance = json.loads((d / "_state/balance/_manifest.json").read_text())["partitions"]
-    return {"wall": wall, "driver_peak": driver, "steps": task_costs(d),
-            "corpus": folder_bytes(d / "candidates", d / "matched", d / "download"),
-            "image_files": folder_bytes(d / "download" / "images"),
+    corpus, image_files = folder_bytes(d / "candidates", d / "matched", d / "download"), folder_bytes(d / "download" / "images")
+    # The synthetic pictures (a pool of 4,096) compress in parquet; real JPEGs do not: the corpus
+    # with its images at their own size is the fairer denominator for bytes read.
+    images = sum(pc.sum(read_table(f, columns=["bytes"]).column("bytes")).as_py() or 0
+                 for f in (d / "download").glob("part-*.parquet"))
+    return {"wall": wall, "driver_peak": driver, "steps": task_costs(d), "corpus": corpus,
+            "corpus_raw": corpus - image_files + images, "image_files": image_files,
             "kept": sum(p["info"]["kept"] for p in balance), "kept_bytes": sum(p["info"]["kept_bytes"] for p in balance),
             **recall(d, Path(planted))}
 
@@ -187,7 +193,8 @@ def totals(r: dict, stage: str) -> dict:
 def report(r: dict) -> None:
     n = r["n"]
     print(f"\nN = {n:,} pairs, {r['partitions']} partitions (generation {r['generation']:.0f} s, not counted); "
-          f"corpus {r['corpus'] / MB:,.0f} MB; kept {r['kept']:,}")
+          f"corpus {r['corpus'] / MB:,.0f} MB ({r['corpus_raw'] / MB:,.0f} MB with the images at their own size); "
+          f"kept {r['kept']:,}")
     print(f"{'stage':8} {'wall s':>8} {'cpu s':>8} {'samples/s/core':>15} {'read MB':>9} {'written MB':>11} "
           f"{'read/corpus':>12} {'task peak MB':>13} {'driver peak MB':>15}")
     rows = [(s, totals(r, s), r["wall"][s], r["driver_peak"][s]) for s in STAGES]
@@ -227,8 +234,10 @@ def goals(results: list[dict]) -> None:
     peak = max(max(max(totals(r, s)["peak"] for s in STAGES), max(r["driver_peak"].values())) for r in results)
     print(f"  max peak RSS, any task or driver: {peak / MB:,.0f} MB (goal <= 2048: {'met' if peak <= 2 << 30 else 'NOT met'})")
     for r in results:
-        ratio = sum(totals(r, s)["read"] for s in STAGES) / r["corpus"]
-        print(f"  N = {r['n']:,}: bytes read / corpus {ratio:.2f}x (goal <= 3x: {'met' if ratio <= 3 else 'NOT met'}); "
+        read = sum(totals(r, s)["read"] for s in STAGES)
+        ratio = read / r["corpus"]
+        print(f"  N = {r['n']:,}: bytes read / corpus {ratio:.2f}x (goal <= 3x: {'met' if ratio <= 3 else 'NOT met'}; "
+              f"{read / r['corpus_raw']:.2f}x with the images at their own size); "
               f"{hashes_per_core(r):,.0f} hashes/s per core (goal >= 500k: "
               f"{'met' if hashes_per_core(r) >= 500_000 else 'NOT met'}); recall {r['recall']}")
 
