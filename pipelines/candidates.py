@@ -28,7 +28,7 @@ from wit_builder.errors import WitError
 from wit_builder.ids import fingerprint, uid
 from wit_builder.runner import (Manifest, Stage, Task, combined_fingerprint, completed, partition_entry,
                                 step_info)
-from wit_builder.shuffle import (SLICE_ROW_GROUP, bucket_of, read_bucket, scatter,
+from wit_builder.shuffle import (FORMAT as SHUFFLE_FORMAT, SLICE_ROW_GROUP, bucket_of, read_bucket, scatter,
                                  splitmix64, string_hash64, uid_to_u64)
 from wit_builder.workspace import Run, file_identity, read_table, write_parquet
 
@@ -772,7 +772,8 @@ class CandidatesStage(Stage):
         buckets = c.buckets or max(1, -(-total_bytes // (1 << 30)))
         settings = {"version": VERSION, "cols": [c.url_col, c.caption_col], "buckets": buckets,
                     "one_text_per_url": c.one_text_per_url, "partition_rows": c.partition_rows}
-        namespace = fingerprint({**settings, "parts": [(p[0], p[5], p[3], p[4]) for p in parts]})[:12]
+        namespace = fingerprint({**settings, "format": SHUFFLE_FORMAT,
+                                 "parts": [(p[0], p[5], p[3], p[4]) for p in parts]})[:12]
         if (done := completed(run, self.name, namespace)) is not None:
             return done
         shuffle = str(out / "_shuffle" / namespace)

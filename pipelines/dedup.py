@@ -17,10 +17,11 @@ distance k), and images that overlap an evaluation set, as a shuffle that scales
 
 Near duplicates, recall 1.0: cut the 64 bits into m = k + r blocks. Two hashes within k differ in at
 most k blocks, so they agree exactly on at least r; take the first r blocks they agree on, whose
-smallest is block i <= k. A hash's record for block i goes to the bucket of (i, its block-i bits), and
-the bucket task compares only records that also agree on r - 1 later blocks. Each hash is written
-k + 1 times whatever r is; r grows with the corpus (2, then 3 from half a million images) so that
-hashes rarely share a key by chance.
+smallest is block i <= k. A hash is keyed by each block i <= k (its block-i bits) and goes to the
+buckets of those k + 1 keys, once to each bucket, with a bit mask of the blocks that led there; the
+bucket task compares only hashes that share block i and also agree on r - 1 later blocks. So a hash
+is written at most k + 1 times whatever r is; r grows with the corpus (2, then 3 from half a million
+images, 4 from 200 million) so that hashes rarely share a key by chance.
 """
 
 from __future__ import annotations
@@ -40,20 +41,20 @@ from wit_builder.runner import (Manifest, Stage, Task, combined_fingerprint, com
                                 step_info)
 from wit_builder.shuffle import (SLICE_ROW_GROUP, bucket_folder, bucket_of, read_bucket, read_slice, scatter, splitmix64, string_hash64, take_by_uid,
                                  u64_to_uid, uid_to_u64)
-from wit_builder.workspace import Run, file_identity, read_table, write_parquet
+from wit_builder.workspace import Run, file_identity, parquet_file, read_table, write_parquet
 
-from .neardup import blocks, pairs_sharing_blocks
+from .neardup import blocks, pairs_sharing_blocks, sort_with_order
 from .phash import SIDE, phash_bytes, phash_pixels
 from .sampling import query_counts, sum_counts_task
 
-VERSION = 2
+VERSION = 3
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
-RECORDS_PER_BUCKET = 8_000_000  # band records; with the default bucket count a bucket task stays < 1 GB
+RECORDS_PER_BUCKET = 4_000_000  # band records; a bucket task then peaks near 1 GB
 
 EXACT_SCHEMA = pa.schema([("kind", pa.uint8()), ("key", pa.uint64()), ("part", pa.int32()),
                           ("uid", pa.uint64()), ("rank", pa.uint64()), ("phash", pa.uint64())])
 # part < 0: an evaluation image (set -part - 1, its index in uid).
-BAND_SCHEMA = pa.schema([("block", pa.uint8()), ("phash", pa.uint64()), ("part", pa.int32()),
+BAND_SCHEMA = pa.schema([("blocks", pa.uint32()), ("phash", pa.uint64()), ("part", pa.int32()),
                          ("uid", pa.uint64()), ("rank", pa.uint64())])
 EDGE_SCHEMA = pa.schema([("kind", pa.uint8())] + [(f"{side}_{name}", t) for side in "ab" for name, t in
                         (("part", pa.int32()), ("uid", pa.uint64()), ("rank", pa.uint64()),
@@ -68,14 +69,16 @@ DEDUP_SCHEMA = pa.schema([
     ("keep", pa.bool_()), ("dup_of", pa.string()), ("reason", pa.string()), ("distance", pa.int32()),
 ])
 SHA, URL, NEAR = 0, 1, 2  # edge kinds
+REASONS = pa.array(["exact_image", "same_url", "near_duplicate"])  # a removed image's reason, by code
 
 
 def band_r(images: int, radius: int) -> int:
     """How many blocks two near hashes must share: more for bigger corpora, so that a key's random
-    collisions stay rare (2^27 keys at r = 3 against 2^21 at r = 2)."""
+    collisions stay rare: at k = 4, keys of 21, 27 and 32 bits in 15, 35 and 70 tables; more tables
+    cost more than the chance candidates they save below each threshold."""
     if radius == 0:
         return 1
-    return min(2 if images < 500_000 else 3, radius + 1)
+    return min(2 if images < 500_000 else 3 if images < 200_000_000 else 4, radius + 1)
 
 
 def keeper_rank(query_ids: pa.ChunkedArray, width, height) -> np.ndarray:
@@ -96,18 +99,24 @@ def survivors_input(status: str, matched: str) -> pa.Table:
 
 
 def band_records(phash: np.ndarray, part: np.ndarray, uid: np.ndarray, rank: np.ndarray, radius: int,
-                 r: int) -> tuple[pa.Table, np.ndarray]:
-    """The k + 1 band records of each hash and their bucket keys."""
-    cuts = blocks(radius + r)
-    tables, keys = [], []
-    for i, (shift, width) in enumerate(cuts[: len(cuts) - r + 1]):
-        bits = (phash >> np.uint64(shift)) & np.uint64((1 << width) - 1)
-        keys.append(splitmix64(bits ^ (np.uint64(i + 1) << np.uint64(56))))
-        tables.append(pa.table({"block": pa.array(np.full(len(phash), i, np.uint8)), "phash": phash,
-                                "part": pa.array(part, pa.int32()), "uid": uid, "rank": rank}))
-    if not tables:
-        return BAND_SCHEMA.empty_table(), np.zeros(0, np.uint64)
-    return pa.concat_tables(tables), np.concatenate(keys)
+                 r: int, buckets: int) -> tuple[pa.Table, np.ndarray]:
+    """Each hash's band records and their buckets: one record per bucket that any of its k + 1 block
+    keys hashes to, with `blocks` the bit mask of those blocks, so a bucket holds each image once."""
+    bucket = np.stack([bucket_of(splitmix64(((phash >> np.uint64(shift)) & np.uint64((1 << width) - 1))
+                                            ^ (np.uint64(i + 1) << np.uint64(56))), buckets)
+                       for i, (shift, width) in enumerate(blocks(radius + r)[: radius + 1])])
+    bit = (np.uint32(1) << np.arange(radius + 1, dtype=np.uint32))[:, None]
+    rows, masks, where = [], [], []
+    for i in range(radius + 1):
+        same = bucket == bucket[i]
+        first = np.flatnonzero(~same[:i].any(axis=0))  # block i's bucket is not an earlier block's
+        rows.append(first)
+        masks.append((same[:, first] * bit).sum(axis=0, dtype=np.uint32))
+        where.append(bucket[i][first])
+    rows = np.concatenate(rows)
+    table = pa.table({"blocks": np.concatenate(masks), "phash": phash[rows], "part": pa.array(part[rows], pa.int32()),
+                      "uid": uid[rows], "rank": rank[rows]}, schema=BAND_SCHEMA)
+    return table, np.concatenate(where)
 
 
 def map_part(status: str, matched: str, part: int, radius: int, r: int, buckets: int, shuffle: str) -> dict:
@@ -128,8 +137,7 @@ def map_part(status: str, matched: str, part: int, radius: int, r: int, buckets:
     exact_bucket = bucket_of(splitmix64(exact.column("key").to_numpy() ^ np.r_[np.zeros(n), np.ones(n)]
                                         .astype(np.uint64)), buckets)
     scatter(exact, exact_bucket, shuffle, f"{part:06d}.exact")
-    bands, keys = band_records(phash, parts, uid, rank, radius, r)
-    scatter(bands, bucket_of(keys, buckets), shuffle, f"{part:06d}.near")
+    scatter(*band_records(phash, parts, uid, rank, radius, r, buckets), shuffle, f"{part:06d}.near")
     return {"images": n}
 
 
@@ -139,9 +147,8 @@ def map_eval(index: int, kind: str, path: str, radius: int, r: int, buckets: int
     hashes, ids = eval_hashes(kind, path)
     write_parquet(pa.table({"id": pa.array(ids, pa.string())}), ids_output)
     n = len(hashes)
-    bands, keys = band_records(hashes, np.full(n, -(index + 1), np.int32), np.arange(n, dtype=np.uint64),
-                               np.zeros(n, np.uint64), radius, r)
-    scatter(bands, bucket_of(keys, buckets), shuffle, f"eval{index:03d}.near")
+    scatter(*band_records(hashes, np.full(n, -(index + 1), np.int32), np.arange(n, dtype=np.uint64),
+                          np.zeros(n, np.uint64), radius, r, buckets), shuffle, f"eval{index:03d}.near")
     return {"images": n}
 
 
@@ -157,38 +164,39 @@ def _edges(kind, a: dict, b: dict, ia: np.ndarray, ib: np.ndarray) -> pa.Table:
 
 
 def exact_edges(records: pa.Table) -> pa.Table:
-    """Star edges from the first member (by uid) of each group of equal (kind, key)."""
-    if records.num_rows == 0:
-        return EDGE_SCHEMA.empty_table()
-    records = records.sort_by([("kind", "ascending"), ("key", "ascending"), ("uid", "ascending"),
-                               ("part", "ascending")])
-    cols = {name: records.column(name).to_numpy() for name in ("kind", "key", "part", "uid", "rank", "phash")}
-    same = np.r_[False, (cols["kind"][1:] == cols["kind"][:-1]) & (cols["key"][1:] == cols["key"][:-1])]
-    first = np.maximum.accumulate(np.where(same, 0, np.arange(len(same))))
-    later = np.flatnonzero(same)
-    return pa.concat_tables([_edges(kind, cols, cols, first[later][cols["kind"][later] == kind],
-                                    later[cols["kind"][later] == kind]) for kind in (SHA, URL)])
+    """Star edges from the first member (by uid, then part) of each group of equal (kind, key)."""
+    cols = {name: records.column(name).to_numpy() for name in EXACT_SCHEMA.names}
+    found = [EDGE_SCHEMA.empty_table()]
+    for kind in (SHA, URL):
+        mine = np.flatnonzero(cols["kind"] == kind)
+        if len(mine) < 2:
+            continue
+        key = cols["key"][mine]
+        order = np.argsort(key)  # not stable, and need not be: only the groups count here
+        equal = key[order[1:]] == key[order[:-1]]
+        members = mine[order[np.r_[False, equal] | np.r_[equal, False]]]  # the few with a twin
+        members = members[np.lexsort((cols["part"][members], cols["uid"][members], cols["key"][members]))]
+        same = np.r_[False, cols["key"][members[1:]] == cols["key"][members[:-1]]]
+        first = np.maximum.accumulate(np.where(same, 0, np.arange(len(same))))
+        later = np.flatnonzero(same)
+        found.append(_edges(kind, cols, cols, members[first[later]], members[later]))
+    return pa.concat_tables(found)
 
 
 def near_edges(records: pa.Table, radius: int, r: int) -> tuple[pa.Table, pa.Table]:
     """Edges between corpus images whose pHashes are within the radius, and hits of corpus images
-    on evaluation images, among one bucket's band records."""
+    on evaluation images, among one bucket's band records (each image once)."""
     if records.num_rows == 0:
         return EDGE_SCHEMA.empty_table(), HIT_SCHEMA.empty_table()
-    cols = {name: records.column(name).to_numpy() for name in ("block", "phash", "part", "uid", "rank")}
-    # Each image once (it may have several band records here), in (part, uid) order.
-    node_order = np.lexsort((cols["uid"], cols["part"]))
-    p, u = cols["part"][node_order], cols["uid"][node_order]
-    first = np.r_[True, (p[1:] != p[:-1]) | (u[1:] != u[:-1])]
-    node_of_record = np.empty(len(node_order), np.int64)
-    node_of_record[node_order] = np.cumsum(first) - 1
-    nodes = {name: cols[name][node_order][first] for name in ("phash", "part", "uid", "rank")}
+    nodes = {name: records.column(name).to_numpy() for name in BAND_SCHEMA.names}
     # Identical hashes collapse to one representative first: a pile of identical images (blank,
     # placeholder) then costs O(n), not O(n^2) comparisons.
     reps, rep_of_node = np.unique(nodes["phash"], return_inverse=True)
     corpus = nodes["part"] >= 0
-    by_rep = np.lexsort((~corpus, rep_of_node))  # per rep: corpus nodes first, in (part, uid) order
-    rep_sorted = rep_of_node[by_rep]
+    # Per rep: its corpus nodes first, in record order (map tasks in name order: deterministic).
+    by_rep, rep_sorted = sort_with_order(rep_of_node.astype(np.uint64) * np.uint64(2) + ~corpus,
+                                         int(2 * len(reps)).bit_length())
+    rep_sorted = (rep_sorted >> np.uint64(1)).astype(np.int64)
     rep_start = np.searchsorted(rep_sorted, np.arange(len(reps)))
     n_corpus = np.bincount(rep_of_node[corpus], minlength=len(reps))
     first_corpus = np.where(n_corpus > 0, by_rep[np.minimum(rep_start, len(by_rep) - 1)], -1)
@@ -207,9 +215,11 @@ def near_edges(records: pa.Table, radius: int, r: int) -> tuple[pa.Table, pa.Tab
     edges_a.append(lead[members != lead])
     edges_b.append(members[members != lead])
     dist.append(np.zeros(int((members != lead).sum()), np.int32))
-    # Distinct hashes that share the r - 1 later blocks too: pairs within the radius.
-    rep_block = sorted_unique(rep_of_node[node_of_record].astype(np.int64) * 256 + cols["block"])
-    ra, rb = _band_pairs(reps, rep_block // 256, rep_block % 256, radius, r)
+    # Distinct hashes that share the r - 1 later blocks too: pairs within the radius. A hash's block
+    # mask is the same in every record of it (its buckets depend on the hash alone).
+    rep_blocks = np.zeros(len(reps), np.uint32)
+    rep_blocks[rep_of_node] = nodes["blocks"]
+    ra, rb = _band_pairs(reps, rep_blocks, radius, r)
     d = np.bitwise_count(reps[ra] ^ reps[rb]).astype(np.int32)
     both = (first_corpus[ra] >= 0) & (first_corpus[rb] >= 0)
     edges_a.append(first_corpus[ra][both])
@@ -246,17 +256,19 @@ def sorted_unique(x: np.ndarray) -> np.ndarray:
     return x[np.r_[True, x[1:] != x[:-1]]] if len(x) else x
 
 
-def _band_pairs(reps: np.ndarray, rep: np.ndarray, block: np.ndarray, radius: int, r: int):
-    """Pairs of distinct hashes (indices into reps) within the radius that share a band key: a record
-    of block i is keyed by block i and each choice of r - 1 later blocks, one sorted table per choice.
-    Identical hashes were collapsed already, so radius 0 has nothing left to find."""
+def _band_pairs(reps: np.ndarray, rep_blocks: np.ndarray, radius: int, r: int):
+    """Pairs of distinct hashes (indices into reps) within the radius that share a band key: the
+    hashes keyed here by block i are compared on each choice of r - 1 later blocks, one sorted table
+    per choice. Identical hashes were collapsed already, so radius 0 has nothing left to find."""
     cuts = blocks(radius + r)
     found_a, found_b = [], []
-    for i in np.unique(block) if radius else []:
-        mine = rep[block == i]
+    for i in range(radius + 1) if radius else []:
+        mine = np.flatnonzero(rep_blocks & np.uint32(1 << i))
+        if len(mine) < 2:
+            continue
         h = reps[mine]
-        for chosen in combinations(range(int(i) + 1, len(cuts)), r - 1):
-            a, b = pairs_sharing_blocks(h, [cuts[c] for c in (int(i), *chosen)])
+        for chosen in combinations(range(i + 1, len(cuts)), r - 1):
+            a, b = pairs_sharing_blocks(h, [cuts[c] for c in (i, *chosen)])
             close = np.bitwise_count(h[a] ^ h[b]) <= radius
             found_a.append(mine[a[close]])
             found_b.append(mine[b[close]])
@@ -270,8 +282,8 @@ def _band_pairs(reps: np.ndarray, rep: np.ndarray, block: np.ndarray, radius: in
 
 def bucket_part(shuffle: str, bucket: int, radius: int, r: int, outputs: dict) -> dict:
     """Step 2: one bucket's duplicate edges and evaluation hits."""
-    exact = exact_edges(read_bucket(shuffle, bucket, EXACT_SCHEMA, ".exact.parquet"))
-    near, hits = near_edges(read_bucket(shuffle, bucket, BAND_SCHEMA, ".near.parquet"), radius, r)
+    exact = exact_edges(read_bucket(shuffle, bucket, EXACT_SCHEMA, ".exact"))
+    near, hits = near_edges(read_bucket(shuffle, bucket, BAND_SCHEMA, ".near"), radius, r)
     edges = pa.concat_tables([exact, near])
     write_parquet(edges, outputs["edges"], compression="none")
     write_parquet(hits, outputs["hits"], compression="none")
@@ -291,45 +303,63 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def group(edges: list[str], hits: list[str], eval_names: list[str], eval_ids: list[str], output: str) -> dict:
     """Step 3: connected groups of the duplicate edges, their keepers, and every removed image's
-    decision, sorted by partition."""
-    e = pa.concat_tables([read_table(p) for p in edges]) if edges else EDGE_SCHEMA.empty_table()
-    c = {name: e.column(name).to_numpy() for name in EDGE_SCHEMA.names}
-    part = np.r_[c["a_part"], c["b_part"]]
-    uid = np.r_[c["a_uid"], c["b_uid"]]
-    rank = np.r_[c["a_rank"], c["b_rank"]]
-    phash = np.r_[c["a_phash"], c["b_phash"]]
-    # Nodes in (rank, uid, part) order: the keeper of a group is its first node.
-    order = np.lexsort((part, uid, rank))
-    new = np.r_[True, (np.diff(part[order]) != 0) | (np.diff(uid[order]) != 0)] if len(order) else np.zeros(0, bool)
-    node_of = np.empty(len(order), np.int64)
-    node_of[order] = np.cumsum(new) - 1
-    n = int(new.sum())
-    first = order[new]
-    npart, nuid, nphash = part[first], uid[first], phash[first]
-    a, b = node_of[: len(e)], node_of[len(e):]
+    decision, sorted by partition. Memory is a few dozen bytes per edge: plain arrays, no strings
+    until the decisions are written."""
+    sizes = [parquet_file(path).metadata.num_rows for path in edges]
+    e = sum(sizes)
+    c = {f.name: np.empty(e, f.type.to_pandas_dtype()) for f in EDGE_SCHEMA}
+    for path, start, size in zip(edges, np.cumsum([0] + sizes), sizes):  # a bucket's table at a time
+        table = read_table(path)
+        for name, column in c.items():
+            column[start: start + size] = table.column(name).to_numpy()
+    del table
+    # A node is a corpus image (uids are unique across the corpus), numbered in uid order.
+    ends = np.r_[c["a_uid"], c["b_uid"]]
+    by_uid = np.argsort(ends)  # not stable, and need not be: every end of a node says the same
+    is_new = np.r_[True, ends[by_uid[1:]] != ends[by_uid[:-1]]] if e else np.zeros(0, bool)
+    first = by_uid[is_new]
+    uids = ends[first]
+    node_of_end = np.empty(2 * e, np.int64)
+    node_of_end[by_uid] = np.cumsum(is_new) - 1
+    del ends, by_uid, is_new
+
+    def of_node(name: str) -> np.ndarray:
+        a_side = first < e
+        out = np.empty(len(first), c[f"a_{name}"].dtype)
+        out[a_side] = c[f"a_{name}"][first[a_side]]
+        out[~a_side] = c[f"b_{name}"][first[~a_side] - e]
+        return out
+
+    # Nodes renumbered in keeper order (rank, then uid): the keeper of a group is its first node.
+    order = np.lexsort((uids, of_node("rank")))
+    position = np.empty(len(order), np.int64)
+    position[order] = np.arange(len(order))
+    a, b = position[node_of_end[:e]], position[node_of_end[e:]]
+    del node_of_end, position
+    n = len(order)
+    uids, part, phash = uids[order], of_node("part")[order], of_node("phash")[order]
     comp = _components(n, a, b)
-    keeper_of_comp = np.full(comp.max() + 1 if n else 0, -1, np.int64)
-    # Nodes are in keeper order, so the first node of each component is its keeper.
-    seen = np.unique(comp, return_index=True)
-    keeper_of_comp[seen[0]] = seen[1]
+    groups, keeper_of_comp = np.unique(comp, return_index=True)
     keeper = keeper_of_comp[comp]
-    sha_class = _components(n, a[c["kind"] == SHA], b[c["kind"] == SHA])
-    url_class = _components(n, a[c["kind"] == URL], b[c["kind"] == URL])
+    kind = c["kind"]
+    sha_class = _components(n, a[kind == SHA], b[kind == SHA])
+    url_class = _components(n, a[kind == URL], b[kind == URL])
     removed = np.flatnonzero(keeper != np.arange(n))
     k = keeper[removed]
-    reason = np.where(sha_class[removed] == sha_class[k], "exact_image",
-                      np.where(url_class[removed] == url_class[k], "same_url", "near_duplicate"))
-    decisions = pa.table({"part": pa.array(npart[removed], pa.int32()), "uid": u64_to_uid(nuid[removed]),
-                          "dup_of": u64_to_uid(nuid[k]), "reason": pa.array(reason, pa.string()),
-                          "distance": pa.array(np.bitwise_count(nphash[removed] ^ nphash[k]), pa.int32())},
+    reason = np.where(sha_class[removed] == sha_class[k], 0, np.where(url_class[removed] == url_class[k], 1, 2))
+    decisions = pa.table({"part": pa.array(part[removed], pa.int32()), "uid": u64_to_uid(uids[removed]),
+                          "dup_of": u64_to_uid(uids[k]),
+                          "reason": pa.DictionaryArray.from_arrays(
+                              pa.array(reason, pa.int8()), REASONS).cast(pa.string()),
+                          "distance": pa.array(np.bitwise_count(phash[removed] ^ phash[k]), pa.int32())},
                          schema=DECISION_SCHEMA)
     # Evaluation hits override: the nearest evaluation image, then the smallest (set, index).
     h = pa.concat_tables([read_table(p) for p in hits]) if hits else HIT_SCHEMA.empty_table()
     if h.num_rows:
-        h = h.sort_by([("part", "ascending"), ("uid", "ascending"), ("distance", "ascending"),
-                       ("eval_set", "ascending"), ("eval_index", "ascending")])
-        hp, hu = h.column("part").to_numpy(), h.column("uid").to_numpy()
-        h = h.filter(pa.array(np.r_[True, (hp[1:] != hp[:-1]) | (hu[1:] != hu[:-1])]))
+        h = h.sort_by([("uid", "ascending"), ("distance", "ascending"), ("eval_set", "ascending"),
+                       ("eval_index", "ascending")])
+        hu = h.column("uid").to_numpy()
+        h = h.filter(pa.array(np.r_[True, hu[1:] != hu[:-1]]))
         ids = [read_table(p).column("id").to_pylist() for p in eval_ids]
         labels = [f"{eval_names[s]}:{ids[s][i]}" for s, i in
                   zip(h.column("eval_set").to_pylist(), h.column("eval_index").to_pylist())]
@@ -337,14 +367,12 @@ def group(edges: list[str], hits: list[str], eval_names: list[str], eval_ids: li
                              "dup_of": pa.array(labels, pa.string()),
                              "reason": pa.array(["eval_overlap"] * h.num_rows, pa.string()),
                              "distance": h.column("distance")}, schema=DECISION_SCHEMA)
-        hit_keys = set(zip(overlaps.column("part").to_pylist(), overlaps.column("uid").to_pylist()))
-        mask = [(p, u) not in hit_keys for p, u in zip(decisions.column("part").to_pylist(),
-                                                      decisions.column("uid").to_pylist())]
-        decisions = pa.concat_tables([decisions.filter(pa.array(mask, pa.bool_())), overlaps])
+        overridden = np.isin(uids[removed], h.column("uid").to_numpy())
+        decisions = pa.concat_tables([decisions.filter(pa.array(~overridden)), overlaps])
     decisions = decisions.sort_by([("part", "ascending"), ("uid", "ascending")])
     write_parquet(decisions, output, row_group_size=SLICE_ROW_GROUP)
     reasons = pc.value_counts(decisions.column("reason")).to_pylist() if decisions.num_rows else []
-    return {"edges": e.num_rows, "groups": int(len(seen[0])), "removed": decisions.num_rows,
+    return {"edges": e, "groups": len(groups), "removed": decisions.num_rows,
             **{x["values"]: x["counts"] for x in reasons}}
 
 

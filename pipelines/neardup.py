@@ -48,22 +48,26 @@ def pairs_within_runs(order: np.ndarray, keys_sorted: np.ndarray) -> tuple[np.nd
     return order[base + a], order[base + b]
 
 
+def sort_with_order(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, key[order]) of a stable sort of non-negative integer keys below 2**key_bits. Key and
+    index packed in one word when they fit: numpy sorts plain words several times faster than it
+    argsorts them."""
+    n = len(key)
+    index_bits = max(int(n - 1).bit_length(), 1)
+    if key_bits + index_bits <= 64:
+        packed = np.sort((np.asarray(key, np.uint64) << np.uint64(index_bits)) | np.arange(n, dtype=np.uint64))
+        return (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64), packed >> np.uint64(index_bits)
+    order = np.argsort(key, kind="stable")
+    return order, key[order]
+
+
 def pairs_sharing_blocks(hashes: np.ndarray, chosen) -> tuple[np.ndarray, np.ndarray]:
     """All index pairs of hashes that agree exactly on the chosen (shift, width) blocks."""
-    n = len(hashes)
-    key, key_bits = np.zeros(n, np.uint64), 0
+    key, key_bits = np.zeros(len(hashes), np.uint64), 0
     for shift, width in chosen:
         key = (key << np.uint64(width)) | ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1))
         key_bits += width
-    index_bits = max(int(n - 1).bit_length(), 1)
-    if key_bits + index_bits <= 64:  # sort key and index packed in one word: faster than argsort
-        packed = np.sort((key << np.uint64(index_bits)) | np.arange(n, dtype=np.uint64))
-        order = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
-        keys_sorted = packed >> np.uint64(index_bits)
-    else:
-        order = np.argsort(key, kind="stable")
-        keys_sorted = key[order]
-    return pairs_within_runs(order, keys_sorted)
+    return pairs_within_runs(*sort_with_order(key, key_bits))
 
 
 def near_duplicate_pairs(hashes: np.ndarray, k: int, r: int | None = None

@@ -174,7 +174,8 @@ def task_costs(run_dir: Path, stage: str) -> dict[str, dict]:
 def test_the_same_corpus_as_4_and_as_64_partitions(tmp_path):
     """Identical corpus either way, and no task's reads grow with the number of partitions: a
     per-partition task opens the same files, a bucket task one file per map task, and no task reads
-    more bytes than the biggest task of the 4-partition run."""
+    more bytes than the biggest task of the 4-partition run (16 times as many, if reads grew with
+    the partitions), give or take the headers of the bucket files."""
     settings = {"dedup": {"buckets": 3}, "shards": {"buckets": 2, "samples_per_shard": 500}}
     runs = {}
     for partitions in (4, 64):
@@ -208,7 +209,7 @@ def test_the_same_corpus_as_4_and_as_64_partitions(tmp_path):
         if partitions == 4:
             biggest_read = max(reads)
         else:
-            assert max(reads) <= biggest_read
+            assert max(reads) <= biggest_read * 1.05  # a bucket file's own header (~1 KB) aside
     assert files_per_step[4] == files_per_step[64]
 
 

@@ -1,7 +1,7 @@
 """Shuffles by key: how every global step scales.
 
 A map task scatters small records into B bucket files by a hash of their key
-(`<folder>/b00017/<map key>.parquet`); then one task per bucket reads that bucket's files, the
+(`<folder>/b00017/<map key>.arrow`, Arrow IPC: scratch that is written and read once); then one task per bucket reads that bucket's files, the
 records of every map task whose keys hash there, and nothing else. Records with equal keys always
 meet in one bucket, so a bucket task sees everything it needs to decide about its keys, and its
 memory is the bucket's share of the corpus, whatever the corpus size. This is the pattern of
@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .workspace import read_table, write_parquet
+from .workspace import read_arrow, read_table, write_arrow
 
+FORMAT = "arrow-ipc"  # of the bucket files: part of each shuffle's namespace, so a rerun never mixes formats
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -58,8 +59,16 @@ def uid_to_u64(uids) -> np.ndarray:
     return out
 
 
-def u64_to_uid(values: np.ndarray) -> list[str]:
-    return [f"{int(v):016x}" for v in values]
+def u64_to_uid(values: np.ndarray) -> pa.Array:
+    """The inverse of uid_to_u64: 16 lowercase hex digits each, as an Arrow string array."""
+    values = np.asarray(values, np.uint64)
+    n = len(values)
+    digits = np.frombuffer(b"0123456789abcdef", np.uint8)
+    chars = np.empty((n, 16), np.uint8)
+    for i in range(16):  # a digit at a time: memory stays at 16 bytes per value
+        chars[:, i] = digits[(values >> np.uint64(60 - 4 * i)) & np.uint64(15)]
+    offsets = np.arange(0, 16 * n + 1, 16, dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(chars))])
 
 
 def string_hash64(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -85,7 +94,7 @@ def bucket_folder(folder: str | Path, bucket: int) -> Path:
 
 
 def scatter(table: pa.Table, bucket: np.ndarray, folder: str | Path, name: str) -> dict[int, int]:
-    """Write each bucket's rows of `table` to `<folder>/bNNNNN/<name>.parquet` (rows keep their
+    """Write each bucket's rows of `table` to `<folder>/bNNNNN/<name>.arrow` (rows keep their
     order); buckets with no rows get no file. Returns {bucket: rows}."""
     order = np.argsort(bucket, kind="stable")
     sorted_buckets = bucket[order]
@@ -94,17 +103,16 @@ def scatter(table: pa.Table, bucket: np.ndarray, folder: str | Path, name: str) 
     written = {}
     for start, end in zip(starts, ends):
         b = int(sorted_buckets[start])
-        rows = table.take(pa.array(order[start:end]))
-        write_parquet(rows, bucket_folder(folder, b) / f"{name}.parquet", compression="none")
+        write_arrow(table.take(pa.array(order[start:end])), bucket_folder(folder, b) / f"{name}.arrow")
         written[b] = int(end - start)
     return written
 
 
-def read_bucket(folder: str | Path, bucket: int, schema: pa.Schema, suffix: str = ".parquet") -> pa.Table:
-    """Every map task's records for one bucket, in map-name order (so the result does not depend on
-    which task finished first)."""
-    files = sorted(bucket_folder(folder, bucket).glob(f"*{suffix}"))
-    tables = [read_table(f) for f in files if not f.name.startswith(".")]
+def read_bucket(folder: str | Path, bucket: int, schema: pa.Schema, suffix: str = "") -> pa.Table:
+    """Every map task's records for one bucket (its files named `*<suffix>.arrow`), in map-name
+    order (so the result does not depend on which task finished first)."""
+    files = sorted(bucket_folder(folder, bucket).glob(f"*{suffix}.arrow"))
+    tables = [read_arrow(f) for f in files if not f.name.startswith(".")]
     return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
 
 
