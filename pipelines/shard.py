@@ -32,7 +32,7 @@ from wit_builder.shuffle import bucket_folder, bucket_of, read_bucket, scatter, 
 from wit_builder.tar import safe_key, write_shard
 from wit_builder.workspace import Run, atomic_write_bytes, parquet_file, parquet_writer, read_table
 
-VERSION = 2
+VERSION = 3  # 3: each sample's json is built by DuckDB (compact separators)
 BUCKET_BYTES = 256 << 20  # a bucket task holds its bucket in memory to order it
 CHUNK_BYTES = 128 << 20  # a scatter task holds this much image data at a time
 SAMPLE_OVERHEAD = 2048  # three tar headers, padding, the caption and the json, roughly
@@ -46,55 +46,94 @@ INDEX_SCHEMA = pa.schema([("uid", pa.string()), ("query_ids", pa.list_(pa.int32(
 
 def sample_rank(uids, seed: int) -> np.ndarray:
     """The global shard order: a hash of (uid, seed)."""
+    return _rank(uid_to_u64(uids), seed)
+
+
+def _rank(u: np.ndarray, seed: int) -> np.ndarray:
     with np.errstate(over="ignore"):
-        return splitmix64(uid_to_u64(uids) ^ splitmix64(np.uint64(seed)))
+        return splitmix64(u ^ splitmix64(np.uint64(seed)))
+
+
+# Each sample's `.json`, built for a whole chunk at once by DuckDB: to_json writes a struct's fields in
+# their declared order, so declaring them sorted gives json.dumps(sort_keys=True)'s key order. It writes
+# UTF-8 unescaped (ensure_ascii=False's text) and escapes quotes, backslashes and control characters;
+# separators are compact.
+_RECORD = {"uid": "uid", "url": "url", "page_url": "page_url", "query_ids": "query_ids", "queries": "queries",
+           "width": "width", "height": "height", "sha256": "sha256", "phash": "printf('%016x', phash)",
+           "origin": "origin"}
+RECORD_SQL = ("SELECT to_json(struct_pack(" + ", ".join(f"{k} := {v}" for k, v in sorted(_RECORD.items()))
+              + ")) AS json FROM samples")
+
+
+def sample_records(con, m: pa.Table, query_strings: pa.Array) -> pa.Array:
+    """The `.json` of every row of `m` (balance's columns), as one binary array in m's order."""
+    lists = m.column("query_ids").combine_chunks()
+    # Every sample's query strings at once: the ids, flattened, through the query list, then cut back
+    # into lists by the ids' lengths (a null list of ids has no strings: []).
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
+    queries = pa.ListArray.from_arrays(offsets, query_strings.take(lists.flatten()))
+    con.register("samples", pa.table({"uid": m.column("uid"), "url": m.column("url"),
+                                      "page_url": m.column("page_url"), "query_ids": lists, "queries": queries,
+                                      "width": m.column("width"), "height": m.column("height"),
+                                      "sha256": m.column("sha256"), "phash": m.column("phash"),
+                                      "origin": m.column("origin")}))
+    try:
+        # Results keep the scan's order (DuckDB's preserve_insertion_order, on by default).
+        records = con.sql(RECORD_SQL).to_arrow_table().column("json")
+    finally:
+        con.unregister("samples")
+    return records.combine_chunks().cast(pa.binary())
 
 
 def scatter_part(balanced: str, images: str, queries: str, part: int, seed: int, buckets: int,
                  shuffle: str) -> dict:
     """Step 1: one partition's kept samples, with their image bytes, into the shard buckets."""
+    import duckdb
+
     meta = read_table(balanced, filters=[("keep", "=", True)])
-    query_strings = read_table(queries, columns=["query"]).column("query")
-    row_of = {u: i for i, u in enumerate(meta.column("uid").to_pylist())}
-    chunk, chunk_bytes, chunks, samples = [], 0, 0, 0
+    query_strings = read_table(queries, columns=["query"]).column("query").combine_chunks()
+    chunk, rows_of, chunk_bytes, chunks, samples = [], [], 0, 0, 0
+    con = duckdb.connect(config={"threads": 1})  # one per task; tasks already fill the cores
 
     def flush():
-        nonlocal chunk, chunk_bytes, chunks, samples
+        nonlocal chunk, rows_of, chunk_bytes, chunks, samples
         if not chunk:
             return
         table = pa.concat_tables(chunk)
         uid = table.column("uid")
-        m = meta.take(pa.array([row_of[u] for u in uid.to_pylist()], pa.int64()))
-        rank = sample_rank(uid, seed)
-        lists = m.column("query_ids").combine_chunks()
-        names = query_strings.take(lists.flatten()).to_pylist()  # every sample's query strings at once
-        offsets = (lists.offsets.to_numpy() - lists.offsets[0].as_py()).tolist()
-        records = [json.dumps({
-            "uid": r["uid"], "url": r["url"], "page_url": r["page_url"], "query_ids": r["query_ids"],
-            "queries": names[offsets[i]:offsets[i + 1]], "width": r["width"], "height": r["height"],
-            "sha256": r["sha256"], "phash": f"{r['phash']:016x}", "origin": r["origin"]},
-            ensure_ascii=False, sort_keys=True).encode() for i, r in enumerate(m.to_pylist())]
+        m = meta.take(pa.concat_arrays(rows_of))
+        u = uid_to_u64(uid)
+        rank = _rank(u, seed)
         rows = pa.table({"rank": rank, "uid": uid, "image": table.column("image"), "text": m.column("text"),
-                         "json": pa.array(records, pa.binary()), "query_ids": m.column("query_ids"),
+                         "json": sample_records(con, m, query_strings), "query_ids": m.column("query_ids"),
                          "bytes": m.column("bytes"), "width": m.column("width"), "height": m.column("height")},
                         schema=SAMPLE_SCHEMA)
-        order = np.lexsort((uid_to_u64(uid), rank))
-        rows = rows.take(pa.array(order))
+        rows = rows.take(pa.array(np.lexsort((u, rank))))
         scatter(rows, bucket_of(rows.column("rank").to_numpy(), buckets), shuffle, f"{part:06d}-{chunks:05d}")
         samples += rows.num_rows
         chunks += 1
-        chunk, chunk_bytes = [], 0
+        chunk, rows_of, chunk_bytes = [], [], 0
 
-    if meta.num_rows:
-        wanted = pa.array(list(row_of), pa.string())
-        for batch in parquet_file(images).iter_batches(batch_size=1024, columns=["uid", "image"]):
-            batch = pa.Table.from_batches([batch])
-            batch = batch.filter(pc.is_in(batch.column("uid"), value_set=wanted))
-            chunk.append(batch)
-            chunk_bytes += batch.nbytes
-            if chunk_bytes >= CHUNK_BYTES:
-                flush()
-        flush()
+    try:
+        if meta.num_rows:
+            file = parquet_file(images)
+            # Each image row's row in meta (null: not kept), joined once for the whole file.
+            where = pc.index_in(file.read(columns=["uid"]).column("uid"), value_set=meta.column("uid")).combine_chunks()
+            start = 0
+            for batch in file.iter_batches(batch_size=1024, columns=["uid", "image"]):
+                at = where.slice(start, batch.num_rows)
+                start += batch.num_rows
+                kept = at.is_valid()
+                batch = pa.Table.from_batches([batch]).filter(kept)
+                chunk.append(batch)
+                rows_of.append(at.filter(kept))
+                chunk_bytes += batch.nbytes
+                if chunk_bytes >= CHUNK_BYTES:
+                    flush()
+            flush()
+    finally:
+        con.close()
     if samples != meta.num_rows:
         raise RuntimeError(f"{meta.num_rows - samples} kept samples have no image in {images}")
     return {"samples": samples}
