@@ -102,6 +102,7 @@ bench: setup
 	$(BIN)/python bench/match.py
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/corpus.py
+	$(BIN)/python bench/neardup.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/stats.py
 	$(BIN)/python bench/train_data.py

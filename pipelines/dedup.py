@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gzip
 import tarfile
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +38,11 @@ from wit_builder.errors import WitError
 from wit_builder.ids import fingerprint
 from wit_builder.runner import (Manifest, Stage, Task, combined_fingerprint, completed, partition_entry,
                                 step_info)
-from wit_builder.shuffle import (SLICE_ROW_GROUP, bucket_folder, bucket_of, read_bucket, read_slice, scatter, splitmix64, string_hash64, take_by_uid,
-                                 u64_to_uid, uid_to_u64)
+from wit_builder.shuffle import (SLICE_ROW_GROUP, bucket_folder, bucket_of, read_bucket, read_slice, scatter,
+                                 sort_with_order, splitmix64, string_hash64, take_by_uid, u64_to_uid, uid_to_u64)
 from wit_builder.workspace import Run, file_identity, parquet_file, read_table, write_parquet
 
-from .neardup import blocks, pairs_sharing_blocks, sort_with_order
+from .neardup import blocks, close_pairs_led_by
 from .phash import SIDE, phash_bytes, phash_pixels
 from .sampling import query_counts, sum_counts_task
 
@@ -102,16 +101,20 @@ def band_records(phash: np.ndarray, part: np.ndarray, uid: np.ndarray, rank: np.
                  r: int, buckets: int) -> tuple[pa.Table, np.ndarray]:
     """Each hash's band records and their buckets: one record per bucket that any of its k + 1 block
     keys hashes to, with `blocks` the bit mask of those blocks, so a bucket holds each image once."""
-    bucket = np.stack([bucket_of(splitmix64(((phash >> np.uint64(shift)) & np.uint64((1 << width) - 1))
-                                            ^ (np.uint64(i + 1) << np.uint64(56))), buckets)
-                       for i, (shift, width) in enumerate(blocks(radius + r)[: radius + 1])])
-    bit = (np.uint32(1) << np.arange(radius + 1, dtype=np.uint32))[:, None]
+    keyed = blocks(radius + r)[: radius + 1]
+    bucket = [bucket_of(splitmix64(((phash >> np.uint64(shift)) & np.uint64((1 << width) - 1))
+                                   ^ (np.uint64(i + 1) << np.uint64(56))), buckets)
+              for i, (shift, width) in enumerate(keyed)]
     rows, masks, where = [], [], []
-    for i in range(radius + 1):
-        same = bucket == bucket[i]
-        first = np.flatnonzero(~same[:i].any(axis=0))  # block i's bucket is not an earlier block's
+    for i in range(len(keyed)):
+        same = [bucket[j] == bucket[i] for j in range(len(keyed))]
+        # Block i's record, unless an earlier block's record went to the same bucket.
+        first = np.flatnonzero(~np.logical_or.reduce(same[:i])) if i else np.arange(len(phash))
+        mask = np.zeros(len(phash), np.uint32)
+        for j, equal in enumerate(same):
+            mask |= equal.astype(np.uint32) << np.uint32(j)
         rows.append(first)
-        masks.append((same[:, first] * bit).sum(axis=0, dtype=np.uint32))
+        masks.append(mask[first])
         where.append(bucket[i][first])
     rows = np.concatenate(rows)
     table = pa.table({"blocks": np.concatenate(masks), "phash": phash[rows], "part": pa.array(part[rows], pa.int32()),
@@ -197,7 +200,7 @@ def near_edges(records: pa.Table, radius: int, r: int) -> tuple[pa.Table, pa.Tab
     by_rep, rep_sorted = sort_with_order(rep_of_node.astype(np.uint64) * np.uint64(2) + ~corpus,
                                          int(2 * len(reps)).bit_length())
     rep_sorted = (rep_sorted >> np.uint64(1)).astype(np.int64)
-    rep_start = np.searchsorted(rep_sorted, np.arange(len(reps)))
+    rep_start = np.flatnonzero(np.r_[True, rep_sorted[1:] != rep_sorted[:-1]])  # every rep has a node
     n_corpus = np.bincount(rep_of_node[corpus], minlength=len(reps))
     first_corpus = np.where(n_corpus > 0, by_rep[np.minimum(rep_start, len(by_rep) - 1)], -1)
     # The evaluation image of a rep: the smallest (set, index) among its members.
@@ -258,20 +261,17 @@ def sorted_unique(x: np.ndarray) -> np.ndarray:
 
 def _band_pairs(reps: np.ndarray, rep_blocks: np.ndarray, radius: int, r: int):
     """Pairs of distinct hashes (indices into reps) within the radius that share a band key: the
-    hashes keyed here by block i are compared on each choice of r - 1 later blocks, one sorted table
-    per choice. Identical hashes were collapsed already, so radius 0 has nothing left to find."""
+    hashes keyed here by block i, compared on each choice of r - 1 later blocks. Identical hashes
+    were collapsed already, so radius 0 has nothing left to find."""
     cuts = blocks(radius + r)
     found_a, found_b = [], []
     for i in range(radius + 1) if radius else []:
         mine = np.flatnonzero(rep_blocks & np.uint32(1 << i))
         if len(mine) < 2:
             continue
-        h = reps[mine]
-        for chosen in combinations(range(i + 1, len(cuts)), r - 1):
-            a, b = pairs_sharing_blocks(h, [cuts[c] for c in (i, *chosen)])
-            close = np.bitwise_count(h[a] ^ h[b]) <= radius
-            found_a.append(mine[a[close]])
-            found_b.append(mine[b[close]])
+        a, b = close_pairs_led_by(reps[mine], cuts, i, r, radius)
+        found_a.append(mine[a])
+        found_b.append(mine[b])
     if not found_a:
         empty = np.zeros(0, np.int64)
         return empty, empty

@@ -14,6 +14,8 @@ from itertools import combinations
 
 import numpy as np
 
+from wit_builder.shuffle import sort_with_order
+
 
 def blocks(m: int) -> list[tuple[int, int]]:
     """(shift, width) of m contiguous blocks covering 64 bits."""
@@ -48,19 +50,6 @@ def pairs_within_runs(order: np.ndarray, keys_sorted: np.ndarray) -> tuple[np.nd
     return order[base + a], order[base + b]
 
 
-def sort_with_order(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(order, key[order]) of a stable sort of non-negative integer keys below 2**key_bits. Key and
-    index packed in one word when they fit: numpy sorts plain words several times faster than it
-    argsorts them."""
-    n = len(key)
-    index_bits = max(int(n - 1).bit_length(), 1)
-    if key_bits + index_bits <= 64:
-        packed = np.sort((np.asarray(key, np.uint64) << np.uint64(index_bits)) | np.arange(n, dtype=np.uint64))
-        return (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64), packed >> np.uint64(index_bits)
-    order = np.argsort(key, kind="stable")
-    return order, key[order]
-
-
 def pairs_sharing_blocks(hashes: np.ndarray, chosen) -> tuple[np.ndarray, np.ndarray]:
     """All index pairs of hashes that agree exactly on the chosen (shift, width) blocks."""
     key, key_bits = np.zeros(len(hashes), np.uint64), 0
@@ -68,6 +57,53 @@ def pairs_sharing_blocks(hashes: np.ndarray, chosen) -> tuple[np.ndarray, np.nda
         key = (key << np.uint64(width)) | ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1))
         key_bits += width
     return pairs_within_runs(*sort_with_order(key, key_bits))
+
+
+def close_pairs_led_by(hashes: np.ndarray, cuts: list[tuple[int, int]], first: int, r: int, radius: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs within the radius among hashes that agree on block `first` and on some r - 1
+    later blocks: one sorted table per choice of later blocks. Each block sits in a fixed slot of a
+    word above the hash's index, so a table's key is a few ORs of precomputed words, one in-place
+    sort, and a scan for equal neighbours (chance ones are rare when the keys are long enough)."""
+    n = len(hashes)
+    slot = max(width for _, width in cuts)
+    index_bits = max(int(n - 1).bit_length(), 1)
+    tables = list(combinations(range(first + 1, len(cuts)), r - 1))
+    if index_bits + r * slot > 64:  # a huge bucket: the general path
+        found = [pairs_sharing_blocks(hashes, [cuts[c] for c in (first, *chosen)]) for chosen in tables]
+        a = np.concatenate([x for x, _ in found] or [np.zeros(0, np.int64)])
+        b = np.concatenate([y for _, y in found] or [np.zeros(0, np.int64)])
+    else:
+        placed = {}
+
+        def in_slot(block: int, position: int) -> np.ndarray:
+            if (block, position) not in placed:
+                shift, width = cuts[block]
+                placed[block, position] = ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)) \
+                    << np.uint64(index_bits + position * slot)
+            return placed[block, position]
+
+        lead = in_slot(first, r - 1) | np.arange(n, dtype=np.uint64)
+        index_mask = np.uint64((1 << index_bits) - 1)
+        found_a, found_b = [], []
+        key = np.empty(n, np.uint64)
+        for chosen in tables:
+            np.bitwise_or(lead, in_slot(chosen[0], 0), out=key)
+            for position, block in enumerate(chosen[1:], 1):
+                key |= in_slot(block, position)
+            key.sort()
+            blocks_only = key >> np.uint64(index_bits)
+            equal = np.flatnonzero(blocks_only[1:] == blocks_only[:-1])
+            if len(equal):
+                members = np.sort(np.r_[equal, equal + 1])  # every hash with a twin, in sorted order
+                members = members[np.r_[True, members[1:] != members[:-1]]]
+                a, b = pairs_within_runs((key[members] & index_mask).astype(np.int64), blocks_only[members])
+                found_a.append(a)
+                found_b.append(b)
+        a = np.concatenate(found_a) if found_a else np.zeros(0, np.int64)
+        b = np.concatenate(found_b) if found_b else np.zeros(0, np.int64)
+    close = np.bitwise_count(hashes[a] ^ hashes[b]) <= radius
+    return a[close], b[close]
 
 
 def near_duplicate_pairs(hashes: np.ndarray, k: int, r: int | None = None

@@ -25,6 +25,7 @@ BENCHMARKS = [
     pytest.param("match", ["ahocorasick", "ahocorasick_rs"], id="match"),
     pytest.param("download", [], id="download", marks=slow),
     pytest.param("corpus", [], id="corpus"),
+    pytest.param("neardup", [], id="neardup"),
     pytest.param("stats", [], id="stats"),
     pytest.param("train_data", [], id="train_data", marks=slow),
     pytest.param("train_throughput", [], id="train_throughput", marks=slow),

@@ -93,11 +93,23 @@ def bucket_folder(folder: str | Path, bucket: int) -> Path:
     return Path(folder) / f"b{bucket:05d}"
 
 
+def sort_with_order(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, key[order]) of a stable sort of non-negative integer keys below 2**key_bits. Key and
+    index packed in one word when they fit: numpy sorts plain words several times faster than it
+    argsorts them."""
+    n = len(key)
+    index_bits = max(int(n - 1).bit_length(), 1)
+    if key_bits + index_bits <= 64:
+        packed = np.sort((np.asarray(key, np.uint64) << np.uint64(index_bits)) | np.arange(n, dtype=np.uint64))
+        return (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64), packed >> np.uint64(index_bits)
+    order = np.argsort(key, kind="stable")
+    return order, key[order]
+
+
 def scatter(table: pa.Table, bucket: np.ndarray, folder: str | Path, name: str) -> dict[int, int]:
     """Write each bucket's rows of `table` to `<folder>/bNNNNN/<name>.arrow` (rows keep their
     order); buckets with no rows get no file. Returns {bucket: rows}."""
-    order = np.argsort(bucket, kind="stable")
-    sorted_buckets = bucket[order]
+    order, sorted_buckets = sort_with_order(bucket, max(int(bucket.max()).bit_length(), 1) if len(bucket) else 1)
     starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]]) if len(order) else []
     ends = np.r_[starts[1:], len(order)] if len(order) else []
     written = {}
