@@ -139,8 +139,8 @@ def map_part(status: str, matched: str, part: int, radius: int, r: int, buckets:
                      schema=EXACT_SCHEMA)
     exact_bucket = bucket_of(splitmix64(exact.column("key").to_numpy() ^ np.r_[np.zeros(n), np.ones(n)]
                                         .astype(np.uint64)), buckets)
-    scatter(exact, exact_bucket, shuffle, f"{part:06d}.exact")
-    scatter(*band_records(phash, parts, uid, rank, radius, r, buckets), shuffle, f"{part:06d}.near")
+    scatter(exact, exact_bucket, shuffle, f"{part:06d}.exact", buckets)
+    scatter(*band_records(phash, parts, uid, rank, radius, r, buckets), shuffle, f"{part:06d}.near", buckets)
     return {"images": n}
 
 
@@ -151,7 +151,7 @@ def map_eval(index: int, kind: str, path: str, radius: int, r: int, buckets: int
     write_parquet(pa.table({"id": pa.array(ids, pa.string())}), ids_output)
     n = len(hashes)
     scatter(*band_records(hashes, np.full(n, -(index + 1), np.int32), np.arange(n, dtype=np.uint64),
-                          np.zeros(n, np.uint64), radius, r, buckets), shuffle, f"eval{index:03d}.near")
+                          np.zeros(n, np.uint64), radius, r, buckets), shuffle, f"eval{index:03d}.near", buckets)
     return {"images": n}
 
 

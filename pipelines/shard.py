@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from wit_builder.ids import fingerprint
 from wit_builder.runner import Manifest, Stage, Task, combined_fingerprint, completed, partition_entry
-from wit_builder.shuffle import bucket_folder, bucket_of, read_bucket, scatter, splitmix64, uid_to_u64
+from wit_builder.shuffle import bucket_folder, bucket_of, bucket_writer, read_bucket, splitmix64, uid_to_u64
 from wit_builder.tar import safe_key, write_shard
 from wit_builder.workspace import Run, atomic_write_bytes, parquet_file, parquet_writer, read_table
 
@@ -88,18 +88,17 @@ def sample_records(con, m: pa.Table, query_strings: pa.Array) -> pa.Array:
 
 def scatter_part(balanced: str, images: str, queries: str, part: int, seed: int, buckets: int,
                  shuffle: str) -> dict:
-    """Step 1: one partition's kept samples, with their image bytes, into the shard buckets."""
+    """Step 1: one partition's kept samples, with their image bytes, into the shard buckets: a chunk of
+    about CHUNK_BYTES of images at a time, all into one data file and its index."""
     import duckdb
 
     meta = read_table(balanced, filters=[("keep", "=", True)])
     query_strings = read_table(queries, columns=["query"]).column("query").combine_chunks()
-    chunk, rows_of, chunk_bytes, chunks, samples = [], [], 0, 0, 0
     con = duckdb.connect(config={"threads": 1})  # one per task; tasks already fill the cores
+    samples = 0
 
-    def flush():
-        nonlocal chunk, rows_of, chunk_bytes, chunks, samples
-        if not chunk:
-            return
+    def scatter_chunk(chunk: list[pa.Table], rows_of: list[pa.Array], write) -> None:
+        nonlocal samples
         table = pa.concat_tables(chunk)
         uid = table.column("uid")
         m = meta.take(pa.concat_arrays(rows_of))
@@ -110,28 +109,30 @@ def scatter_part(balanced: str, images: str, queries: str, part: int, seed: int,
                          "bytes": m.column("bytes"), "width": m.column("width"), "height": m.column("height")},
                         schema=SAMPLE_SCHEMA)
         rows = rows.take(pa.array(np.lexsort((u, rank))))
-        scatter(rows, bucket_of(rows.column("rank").to_numpy(), buckets), shuffle, f"{part:06d}-{chunks:05d}")
+        write(rows, bucket_of(rows.column("rank").to_numpy(), buckets))
         samples += rows.num_rows
-        chunks += 1
-        chunk, rows_of, chunk_bytes = [], [], 0
 
     try:
-        if meta.num_rows:
-            file = parquet_file(images)
-            # Each image row's row in meta (null: not kept), joined once for the whole file.
-            where = pc.index_in(file.read(columns=["uid"]).column("uid"), value_set=meta.column("uid")).combine_chunks()
-            start = 0
-            for batch in file.iter_batches(batch_size=1024, columns=["uid", "image"]):
-                at = where.slice(start, batch.num_rows)
-                start += batch.num_rows
-                kept = at.is_valid()
-                batch = pa.Table.from_batches([batch]).filter(kept)
-                chunk.append(batch)
-                rows_of.append(at.filter(kept))
-                chunk_bytes += batch.nbytes
-                if chunk_bytes >= CHUNK_BYTES:
-                    flush()
-            flush()
+        with bucket_writer(shuffle, f"{part:06d}", buckets) as write:
+            if meta.num_rows:
+                file = parquet_file(images)
+                # Each image row's row in meta (null: not kept), joined once for the whole file.
+                where = pc.index_in(file.read(columns=["uid"]).column("uid"),
+                                    value_set=meta.column("uid")).combine_chunks()
+                chunk, rows_of, chunk_bytes, start = [], [], 0, 0
+                for batch in file.iter_batches(batch_size=1024, columns=["uid", "image"]):
+                    at = where.slice(start, batch.num_rows)
+                    start += batch.num_rows
+                    kept = at.is_valid()
+                    batch = pa.Table.from_batches([batch]).filter(kept)
+                    chunk.append(batch)
+                    rows_of.append(at.filter(kept))
+                    chunk_bytes += batch.nbytes
+                    if chunk_bytes >= CHUNK_BYTES:
+                        scatter_chunk(chunk, rows_of, write)
+                        chunk, rows_of, chunk_bytes = [], [], 0
+                if chunk:
+                    scatter_chunk(chunk, rows_of, write)
     finally:
         con.close()
     if samples != meta.num_rows:
@@ -143,16 +144,15 @@ def bucket_shards(shuffle: str, bucket: int, shards: list[str], ext: str, index:
     """Step 2: one bucket's samples in rank order, cut into len(shards) equal shards."""
     rows = read_bucket(shuffle, bucket, SAMPLE_SCHEMA)
     order = np.lexsort((uid_to_u64(rows.column("uid")), rows.column("rank").to_numpy()))
-    rows = rows.take(pa.array(order, pa.int64()))
     cuts = [len(rows) * j // len(shards) for j in range(len(shards) + 1)]
     names = []
     for path, lo, hi in zip(shards, cuts, cuts[1:]):
-        part = rows.slice(lo, hi - lo)
+        part = rows.take(pa.array(order[lo:hi], pa.int64()))  # one shard's copy at a time
         samples = zip(map(safe_key, part.column("uid").to_pylist()), part.column("image").to_pylist(),
                       part.column("text").to_pylist(), part.column("json").to_pylist())
         write_shard(path, samples, ext)
         names += [Path(path).name] * (hi - lo)
-    table = rows.select(["uid", "query_ids", "bytes", "width", "height"]).append_column(
+    table = rows.select(["uid", "query_ids", "bytes", "width", "height"]).take(pa.array(order, pa.int64())).append_column(
         "shard", pa.array(names, pa.string()))
     with parquet_writer(index, INDEX_SCHEMA) as w:
         w.write_table(table.sort_by([("shard", "ascending"), ("uid", "ascending")]))

@@ -306,7 +306,7 @@ def run_step(stage: Stage, step: int, tasks: list[Task], executor, force: bool) 
                 log.debug("".join(traceback.format_exception(result)))
         bar.close()
     if failures:
-        lines = "\n".join(f"  {t.key}: {e}" for t, e in failures)
+        lines = "\n".join(f"  {t.key}: {failure_text(e)}" for t, e in failures)
         raise WitError(
             f"{len(failures)} of {len(tasks)} partitions failed; the {len(tasks) - len(failures)} "
             f"others are complete and kept. Fix the input and rerun to do only the failed ones:\n{lines}",
@@ -341,6 +341,14 @@ def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
     if removed := remove_stale_outputs(outputs):
         log.info("%s: removed %d files of partitions that this plan no longer has", stage.name, removed)
     return counts or {"partitions": 0, "ran": 0, "skipped": 0}
+
+
+def failure_text(e: BaseException) -> str:
+    """What a failed task's line says: the message, and the kind of error where it tells more."""
+    if isinstance(e, MemoryError):  # Python's own and Arrow's out-of-memory errors
+        return (f"{type(e).__name__}: {e or 'out of memory'} (a task holds one partition or one bucket: "
+                "more buckets, smaller partitions or fewer workers hold less at once)")
+    return str(e) or type(e).__name__
 
 
 def remove_stale_outputs(outputs: set[str]) -> int:

@@ -1,27 +1,33 @@
 """Shuffles by key: how every global step scales.
 
-A map task scatters small records into B bucket files by a hash of their key
-(`<folder>/b00017/<map key>.arrow`, Arrow IPC: scratch that is written and read once); then one task per bucket reads that bucket's files, the
-records of every map task whose keys hash there, and nothing else. Records with equal keys always
+A map task scatters small records into B buckets by a hash of their key; then one task per bucket
+reads that bucket's records from every map task, and nothing else. Records with equal keys always
 meet in one bucket, so a bucket task sees everything it needs to decide about its keys, and its
 memory is the bucket's share of the corpus, whatever the corpus size. This is the pattern of
 MapReduce and of datatrove's MinHash dedup.
 
-Bucket folders live under a namespace named by the fingerprint of everything the map depends on, so
+On disk, the layout of a sort-based shuffle: each map task writes two files whatever B is,
+`<folder>/<map>.arrow` (Arrow IPC streams, one per bucket that has rows, per chunk the map wrote,
+grouped by bucket within a chunk) and `<map>.index` (where each bucket's streams lie). A bucket task
+reads one index entry and its byte ranges from each map task's files. So the files grow with the
+map tasks, not with maps x buckets, and a map that writes in chunks (bounded memory) still writes two.
+
+Shuffle folders live under a namespace named by the fingerprint of everything the map depends on, so
 a bucket task never reads records of an earlier plan; a rerun map task overwrites its own files.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .workspace import read_arrow, read_table, write_arrow
+from .workspace import atomic_path, atomic_write_bytes, open_input, read_table
 
-FORMAT = "arrow-ipc"  # of the bucket files: part of each shuffle's namespace, so a rerun never mixes formats
+FORMAT = "arrow-ipc-indexed"  # of the bucket files: part of each shuffle's namespace, so a rerun never mixes formats
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -90,6 +96,7 @@ def bucket_of(hashes: np.ndarray, buckets: int) -> np.ndarray:
 
 
 def bucket_folder(folder: str | Path, bucket: int) -> Path:
+    """Where a bucket task's own outputs go."""
     return Path(folder) / f"b{bucket:05d}"
 
 
@@ -106,25 +113,53 @@ def sort_with_order(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndar
     return order, key[order]
 
 
-def scatter(table: pa.Table, bucket: np.ndarray, folder: str | Path, name: str) -> dict[int, int]:
-    """Write each bucket's rows of `table` to `<folder>/bNNNNN/<name>.arrow` (rows keep their
-    order); buckets with no rows get no file. Returns {bucket: rows}."""
-    order, sorted_buckets = sort_with_order(bucket, max(int(bucket.max()).bit_length(), 1) if len(bucket) else 1)
-    starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]]) if len(order) else []
-    ends = np.r_[starts[1:], len(order)] if len(order) else []
-    written = {}
-    for start, end in zip(starts, ends):
-        b = int(sorted_buckets[start])
-        write_arrow(table.take(pa.array(order[start:end])), bucket_folder(folder, b) / f"{name}.arrow")
-        written[b] = int(end - start)
-    return written
+@contextlib.contextmanager
+def bucket_writer(folder: str | Path, name: str, buckets: int):
+    """Yield write(table, bucket): each call (a chunk) appends the table's rows, grouped by bucket and
+    in their order within a bucket, to the map's data file. The data file and then its index appear
+    when the block ends."""
+    folder = Path(folder)
+    spans = []  # per chunk: (buckets, 2) of (offset, length)
+    with atomic_path(folder / f"{name}.arrow") as tmp, open(tmp, "wb") as data:
+        def write(table: pa.Table, bucket: np.ndarray) -> None:
+            order, sorted_buckets = sort_with_order(bucket, max(buckets - 1, 1).bit_length())
+            starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]]) if len(order) else []
+            span = np.zeros((buckets, 2), np.int64)
+            for start, end in zip(starts, np.r_[starts[1:], len(order)]):
+                sink = pa.BufferOutputStream()
+                with pa.ipc.new_stream(sink, table.schema) as stream:
+                    stream.write_table(table.take(pa.array(order[start:end])))
+                span[int(sorted_buckets[start])] = (data.tell(), data.write(sink.getvalue()))
+            spans.append(span)
+
+        yield write
+    table = np.stack(spans, axis=1) if spans else np.zeros((buckets, 0, 2), np.int64)  # bucket-major
+    atomic_write_bytes(folder / f"{name}.index", np.array([buckets, len(spans)], np.int64).tobytes() + table.tobytes())
+
+
+def scatter(table: pa.Table, bucket: np.ndarray, folder: str | Path, name: str, buckets: int) -> None:
+    """A map task's records, all at once, into `buckets` buckets (see bucket_writer)."""
+    with bucket_writer(folder, name, buckets) as write:
+        write(table, bucket)
 
 
 def read_bucket(folder: str | Path, bucket: int, schema: pa.Schema, suffix: str = "") -> pa.Table:
-    """Every map task's records for one bucket (its files named `*<suffix>.arrow`), in map-name
-    order (so the result does not depend on which task finished first)."""
-    files = sorted(bucket_folder(folder, bucket).glob(f"*{suffix}.arrow"))
-    tables = [read_arrow(f) for f in files if not f.name.startswith(".")]
+    """Every map task's records for one bucket (maps named `*<suffix>`), in map-name order, then
+    chunk order (so the result does not depend on which task finished first)."""
+    tables = []
+    for index in sorted(Path(folder).glob(f"*{suffix}.index")):
+        if index.name.startswith("."):
+            continue
+        with open_input(index) as f:
+            buckets, chunks = np.frombuffer(f.read(16), np.int64)
+            f.seek(16 + bucket * chunks * 16)
+            spans = np.frombuffer(f.read(int(chunks) * 16), np.int64).reshape(-1, 2)
+        spans = spans[spans[:, 1] > 0]
+        if len(spans):
+            with open_input(index.with_suffix(".arrow")) as f:
+                for offset, length in spans.tolist():
+                    f.seek(offset)
+                    tables.append(pa.ipc.open_stream(f.read(length)).read_all())
     return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
 
 
