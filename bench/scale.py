@@ -165,12 +165,15 @@ def measure(recipe: str, planted: str, workers: int) -> dict:
 # --- the driver of the benchmark -------------------------------------------------------------------
 
 
-def run_size(n: int, partition: int, work: Path, workers: int) -> dict:
+PICTURES = 65_536  # distinct pictures (smoke: 4,096): few repeat within a row group, so images compress as real ones do
+
+
+def run_size(n: int, partition: int, work: Path, workers: int, pictures: int) -> dict:
     import synthetic
 
     name = f"scale-{n}"
     start = time.perf_counter()
-    recipe = synthetic.build(work, name, n, max(1, math.ceil(n / partition)))
+    recipe = synthetic.build(work, name, n, max(1, math.ceil(n / partition)), pool=pictures)
     generation = time.perf_counter() - start
     try:
         child = subprocess.run([sys.executable, __file__, "--child", str(recipe),
@@ -341,7 +344,7 @@ def main() -> None:
     print(f"dedup -> balance -> shards, {a.workers} workers, partitions of {a.partition:,} pairs; stage code {code}")
     results = []
     for n in a.sizes:
-        results.append(run_size(n, a.partition, a.work, a.workers))
+        results.append(run_size(n, a.partition, a.work, a.workers, 4096 if a.smoke else PICTURES))
         report(results[-1])
     goals(results)
     extrapolate(results[-1], a)

@@ -32,7 +32,7 @@ from wit_builder.shuffle import u64_to_uid
 from wit_builder.workspace import parquet_writer, write_parquet
 
 QUERIES = 500_000
-POOL = 4096  # distinct encoded pictures; exact copies share bytes, others differ in sha256 anyway
+POOL = 4096  # distinct encoded pictures by default; exact copies share bytes, others differ in sha256 anyway
 
 
 def jpeg_pool(rng: np.random.Generator, n: int = POOL) -> list[bytes]:
@@ -72,12 +72,14 @@ def write_manifest(run_dir: Path, stage: str, partitions: list[dict], outputs: d
 
 
 def build(root: str | Path, name: str, n: int, partitions: int, seed: int = 0, exact_rate: float = 0.05,
-          near_rate: float = 0.05, url_rate: float = 0.02, recipe: dict | None = None) -> Path:
-    """Write the run folder root/name with n pairs in `partitions` partitions; returns the recipe."""
+          near_rate: float = 0.05, url_rate: float = 0.02, recipe: dict | None = None, pool: int = POOL) -> Path:
+    """Write the run folder root/name with n pairs in `partitions` partitions; returns the recipe.
+    A bigger `pool` of pictures makes the stored images as incompressible as real JPEGs are (a small
+    one repeats within parquet's compression window)."""
     root = Path(root).resolve()
     run_dir = root / name
     rng = np.random.default_rng(seed)
-    pool = jpeg_pool(rng)
+    pool = jpeg_pool(rng, pool)
     pool_sha = [hashlib.sha256(b).hexdigest() for b in pool]
     queries = write_queries(run_dir)
     write_manifest(run_dir, "queries", [], queries)
@@ -86,7 +88,7 @@ def build(root: str | Path, name: str, n: int, partitions: int, seed: int = 0, e
     # Every pair's identity, then the planted copies pointing at earlier pairs.
     uid = rng.integers(0, 2**63, n, dtype=np.uint64) | (rng.integers(0, 2, n, dtype=np.uint64) << np.uint64(63))
     phash = rng.integers(0, 2**63, n, dtype=np.uint64) ^ (rng.integers(0, 2, n, dtype=np.uint64) << np.uint64(63))
-    picture = rng.integers(0, POOL, n)
+    picture = rng.integers(0, len(pool), n)
     sha_id = np.arange(n)  # pairs with the same sha_id share bytes and sha256
     url_id = np.arange(n)
     kind = rng.random(n)
