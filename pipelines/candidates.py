@@ -710,7 +710,7 @@ def candidates_part(path: str, kind: str, start: int, end: int | None, url_col: 
                                 .append_column("origin", table.column("origin")) for k in keys])
     key = records.column("key").to_numpy()
     bucket = bucket_of(splitmix64(key ^ records.column("kind").to_numpy().astype(np.uint64)), buckets)
-    scatter(records, bucket, shuffle, f"{part:06d}", buckets)
+    scatter(records, bucket, shuffle, f"{part:06d}", buckets, compression="lz4")  # uids and origins: text
     return info
 
 

@@ -113,7 +113,7 @@ def scatter_part(balanced: str, images: str, queries: str, part: int, seed: int,
         samples += rows.num_rows
 
     try:
-        with bucket_writer(shuffle, f"{part:06d}", buckets) as write:
+        with bucket_writer(shuffle, f"{part:06d}", buckets, compression="lz4") as write:
             if meta.num_rows:
                 file = parquet_file(images)
                 # Each image row's row in meta (null: not kept), joined once for the whole file.

@@ -114,10 +114,12 @@ def sort_with_order(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndar
 
 
 @contextlib.contextmanager
-def bucket_writer(folder: str | Path, name: str, buckets: int):
+def bucket_writer(folder: str | Path, name: str, buckets: int, compression: str | None = None):
     """Yield write(table, bucket): each call (a chunk) appends the table's rows, grouped by bucket and
     in their order within a bucket, to the map's data file. The data file and then its index appear
-    when the block ends."""
+    when the block ends. `compression` ("lz4"): for records that compress, such as text and JSON
+    (as Spark compresses its shuffle blocks); hashes do not."""
+    options = pa.ipc.IpcWriteOptions(compression=compression)
     folder = Path(folder)
     spans = []  # per chunk: (buckets, 2) of (offset, length)
     with atomic_path(folder / f"{name}.arrow") as tmp, open(tmp, "wb") as data:
@@ -127,7 +129,7 @@ def bucket_writer(folder: str | Path, name: str, buckets: int):
             span = np.zeros((buckets, 2), np.int64)
             for start, end in zip(starts, np.r_[starts[1:], len(order)]):
                 sink = pa.BufferOutputStream()
-                with pa.ipc.new_stream(sink, table.schema) as stream:
+                with pa.ipc.new_stream(sink, table.schema, options=options) as stream:
                     stream.write_table(table.take(pa.array(order[start:end])))
                 span[int(sorted_buckets[start])] = (data.tell(), data.write(sink.getvalue()))
             spans.append(span)
@@ -137,9 +139,10 @@ def bucket_writer(folder: str | Path, name: str, buckets: int):
     atomic_write_bytes(folder / f"{name}.index", np.array([buckets, len(spans)], np.int64).tobytes() + table.tobytes())
 
 
-def scatter(table: pa.Table, bucket: np.ndarray, folder: str | Path, name: str, buckets: int) -> None:
+def scatter(table: pa.Table, bucket: np.ndarray, folder: str | Path, name: str, buckets: int,
+            compression: str | None = None) -> None:
     """A map task's records, all at once, into `buckets` buckets (see bucket_writer)."""
-    with bucket_writer(folder, name, buckets) as write:
+    with bucket_writer(folder, name, buckets, compression) as write:
         write(table, bucket)
 
 
