@@ -47,16 +47,18 @@ def planted_hashes(n: int, near_rate: float, seed: int = 0) -> tuple[np.ndarray,
     return hashes, copy, source
 
 
-def bucketed_search(hashes: np.ndarray, partition: int, radius: int, folder: Path) -> tuple[set, float, dict]:
-    """Edges found through the shuffle, its CPU seconds, and its shape."""
+def bucketed_search(hashes: np.ndarray, partition: int, radius: int, folder: Path, r: int = 0
+                    ) -> tuple[set, float, dict]:
+    """Edges found through the shuffle, its CPU seconds, and its shape (r: the stage's choice if 0)."""
     n = len(hashes)
-    r = band_r(n, radius)
+    r = r or band_r(n, radius)
     buckets = max(1, -(-n * (radius + 1) // RECORDS_PER_BUCKET))
     start = time.process_time()
     for p, lo in enumerate(range(0, n, partition)):
         h = hashes[lo: lo + partition]
         ids = np.arange(lo, lo + len(h), dtype=np.uint64)
-        scatter(*band_records(h, np.full(len(h), p, np.int32), ids, ids, radius, r, buckets), folder, f"{p:06d}.near")
+        scatter(*band_records(h, np.full(len(h), p, np.int32), ids, ids, radius, r, buckets), folder, f"{p:06d}.near",
+                buckets)
     found = []
     for b in range(buckets):
         edges, _ = near_edges(read_bucket(folder, b, BAND_SCHEMA, ".near"), radius, r)
@@ -84,6 +86,7 @@ def main() -> None:
     ap.add_argument("--partition", type=int, default=250_000, help="hashes per map task, as in bench/scale.py")
     ap.add_argument("--radius", type=int, default=4)
     ap.add_argument("--near-rate", type=float, default=0.05)
+    ap.add_argument("--r", type=int, default=0, help="blocks two near hashes share (default: the dedup stage's)")
     ap.add_argument("--smoke", action="store_true", help="20,000 hashes in partitions of 2,500")
     a = ap.parse_args()
     if a.smoke:
@@ -91,7 +94,7 @@ def main() -> None:
     hashes, copy, source = planted_hashes(a.n, a.near_rate)
     folder = Path(tempfile.mkdtemp(prefix="wit-neardup-"))
     try:
-        found, cpu, shape = bucketed_search(hashes, a.partition, a.radius, folder)
+        found, cpu, shape = bucketed_search(hashes, a.partition, a.radius, folder, a.r)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     start = time.process_time()

@@ -3,6 +3,7 @@
 The dedup, balance and shard tests run on bench/synthetic.py's download-stage output (real small
 JPEGs, planted exact, near and same-URL copies), the same one bench/scale.py measures."""
 
+import contextlib
 import json
 import os
 import re
@@ -124,6 +125,43 @@ def kill_at(recipe: Path, marker: Path, *stages: str) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert marker.exists(), f"the run ended before {marker.name}"
+
+
+def children_of(pid: int) -> set[int]:
+    """The live processes whose parent is pid (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(stat.parent.name))
+    return found
+
+
+def test_a_killed_driver_takes_its_workers_with_it(tmp_path):
+    """kill -9 of `wit run` leaves no pool worker behind to finish a task into a run folder that a
+    rerun now owns (or to idle on, holding its memory)."""
+    recipe = synthetic_run(tmp_path, "killed", 20_000, 8, workers=2)
+    proc = subprocess.Popen([sys.executable, "-m", "wit_builder.cli", "run", str(recipe), *CORPUS_STAGES],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 60, set()
+    while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
+        workers = {c for c in children_of(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()}
+        time.sleep(0.01)
+    assert len(workers) >= 2, "the run never started its workers"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(map(alive, workers)):
+        time.sleep(0.05)
+    assert not [w for w in workers if alive(w)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.slow

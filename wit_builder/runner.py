@@ -193,6 +193,21 @@ def combined_fingerprint(tasks: list[Task]) -> str:
 # Executors
 
 
+def exit_with_driver(driver: int) -> None:
+    """A pool worker's first act: ask the kernel for SIGKILL when the driver dies (kill -9 included),
+    so that no orphan finishes a task into a run folder a rerun now owns, or idles on for ever.
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere workers outlive a killed driver."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != driver:  # it died before the request took effect
+        os._exit(1)
+
+
 class LocalExecutor:
     """A process pool; with one worker, tasks run in this process (easy to debug and profile)."""
 
@@ -210,7 +225,8 @@ class LocalExecutor:
                     yield task, e
             return
         if self._pool is None:  # one pool for every step of the run: workers start once
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=exit_with_driver, initargs=(os.getpid(),))
         futures = {self._pool.submit(execute, t): t for t in tasks}
         for fut in cf.as_completed(futures):
             try:

@@ -122,16 +122,16 @@ def bucket_writer(folder: str | Path, name: str, buckets: int, compression: str 
     options = pa.ipc.IpcWriteOptions(compression=compression)
     folder = Path(folder)
     spans = []  # per chunk: (buckets, 2) of (offset, length)
-    with atomic_path(folder / f"{name}.arrow") as tmp, open(tmp, "wb") as data:
+    with atomic_path(folder / f"{name}.arrow") as tmp, pa.OSFile(str(tmp), "wb") as data:
         def write(table: pa.Table, bucket: np.ndarray) -> None:
             order, sorted_buckets = sort_with_order(bucket, max(buckets - 1, 1).bit_length())
             starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]]) if len(order) else []
             span = np.zeros((buckets, 2), np.int64)
             for start, end in zip(starts, np.r_[starts[1:], len(order)]):
-                sink = pa.BufferOutputStream()
-                with pa.ipc.new_stream(sink, table.schema, options=options) as stream:
+                offset = data.tell()
+                with pa.ipc.new_stream(data, table.schema, options=options) as stream:  # leaves data open
                     stream.write_table(table.take(pa.array(order[start:end])))
-                span[int(sorted_buckets[start])] = (data.tell(), data.write(sink.getvalue()))
+                span[int(sorted_buckets[start])] = (offset, data.tell() - offset)
             spans.append(span)
 
         yield write
