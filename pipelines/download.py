@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
 import re
@@ -207,7 +208,9 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
     # them in the order its threads finish.
     position = {u: i for i, u in enumerate(uids)}
     with web as mini, parquet_writer(outputs["images"], IMAGES_SCHEMA) as images:
-        policy = Policy(allow_loopback=s["allow_loopback"], deadline_s=s["deadline_s"],
+        policy = Policy(allow_loopback=s["allow_loopback"],
+                        allow_networks=tuple(ipaddress.ip_network(n, strict=False) for n in s["allow_networks"]),
+                        deadline_s=s["deadline_s"],
                         max_bytes=s["max_bytes"], per_host_connections=s["per_host_connections"],
                         per_host_rps=s["per_host_rps"], route=mini.address if mini else None)
         with EgressProxy(policy) as proxy, egress_environment(proxy.url, s["max_pixels"]):

@@ -9,7 +9,11 @@ redirects itself, so each hop is a new request through here. For each request th
 - resolves the host and refuses it if any address is loopback, private, link-local, multicast,
   reserved or unspecified (IPv4-mapped IPv6 is unwrapped; decimal, hex and octal IPv4 literals are
   resolved by the C library like any name, then checked), and then connects to the checked address
-  itself, so a second DNS answer cannot differ (no rebinding);
+  itself, so a second DNS answer cannot differ (no rebinding). Networks the recipe lists in
+  `allow_networks` (a NAS or an object store inside 10/8, say) are let through, except that a
+  link-local address needs a listed network inside link-local space, and a cloud metadata address
+  needs itself listed; loopback stays `allow_loopback`'s alone, and unspecified and multicast are
+  never fetched;
 - enforces a total deadline per request (not per socket read) and a cap on response bytes;
 - limits concurrency and rate per host, and backs off a host that answers 429 or 503;
 - refuses a redirect to any scheme but http(s) (`file:`, `gopher:`, `data:`, `ftp:`) as `bad_scheme`.
@@ -39,9 +43,14 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorizati
               "te", "trailer", "transfer-encoding", "upgrade"}
 
 
+METADATA_ADDRESSES = frozenset(map(ipaddress.ip_address, ("169.254.169.254", "fd00:ec2::254")))
+LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
+
+
 @dataclass(frozen=True)
 class Policy:
     allow_loopback: bool = False
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     deadline_s: float = 20.0
     max_bytes: int = 20 << 20
     per_host_connections: int = 8
@@ -55,7 +64,20 @@ class Refused(Exception):
         super().__init__(reason)
 
 
-def address_problem(ip: str, allow_loopback: bool) -> str | None:
+def listed(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, networks) -> bool:
+    """Whether one of the recipe's allowed networks lets this address through."""
+    for net in networks:
+        if addr.version != net.version or addr not in net:
+            continue
+        if addr in METADATA_ADDRESSES:
+            if net.num_addresses == 1:
+                return True
+        elif not addr.is_link_local or any(net.version == ll.version and net.subnet_of(ll) for ll in LINK_LOCAL):
+            return True
+    return False
+
+
+def address_problem(ip: str, allow_loopback: bool, allow_networks=()) -> str | None:
     """Why an address may not be fetched, or None."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -64,10 +86,12 @@ def address_problem(ip: str, allow_loopback: bool) -> str | None:
         return None if allow_loopback else "loopback_address"
     if addr.is_unspecified:
         return "unspecified_address"
-    if addr.is_link_local:
-        return "link_local_address"
     if addr.is_multicast:
         return "multicast_address"
+    if allow_networks and listed(addr, allow_networks):
+        return None
+    if addr.is_link_local:
+        return "link_local_address"
     if addr.is_reserved:
         return "reserved_address"
     if addr.is_private:
@@ -101,7 +125,7 @@ def resolve(host: str, port: int, policy: Policy) -> tuple[str, int]:
             raise Refused("dns_failure") from None
         addresses = [(info[4][0], port) for info in infos]
     for ip, _ in addresses:
-        problem = address_problem(ip, policy.allow_loopback)
+        problem = address_problem(ip, policy.allow_loopback, policy.allow_networks)
         if problem:
             raise Refused(problem)
     return addresses[0]

@@ -1,5 +1,10 @@
 """The egress proxy over real HTTP: the SSRF policy on every hop, deadlines, byte caps, host limits."""
 
+import functools
+import http.server
+import ipaddress
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,6 +50,13 @@ def fetch(proxy: EgressProxy, url: str, timeout: float = 10) -> tuple[int, bytes
     ("http://169.254.169.254/latest/meta-data/", "link_local_address"),
     ("http://224.0.0.1/x.jpg", "multicast_address"),
     ("http://0.0.0.0/x.jpg", "unspecified_address"),
+    ("http://0/x.jpg", "unspecified_address"),             # what the C library makes of "0"
+    ("http://[::127.0.0.1]/x.jpg", "reserved_address"),    # IPv4-compatible IPv6 (deprecated)
+    ("http://100.64.0.1/x.jpg", "reserved_address"),       # shared address space (carrier NAT)
+    ("http://172.16.0.1/x.jpg", "private_address"),
+    ("http://[fd00::1]/x.jpg", "private_address"),         # unique local IPv6
+    ("http://[fe80::1]/x.jpg", "link_local_address"),
+    ("http://[ff02::1]/x.jpg", "multicast_address"),
     ("http://240.0.0.1/x.jpg", "reserved_address"),
     ("http://no-such-host.invalid/x.jpg", "dns_failure"),
     ("ftp://example.com/x.jpg", "bad_scheme"),
@@ -53,6 +65,14 @@ def test_default_policy_refuses_with_a_reason(url, reason):
     with EgressProxy(Policy()) as proxy:
         assert fetch(proxy, url) == f"403 wit-refused {reason}"
         assert proxy.stats == {reason: 1}
+
+
+def test_a_fully_qualified_localhost_is_refused():
+    """`localhost.` (trailing dot) resolves to loopback where the resolver knows it, and fails where
+    it does not: refused either way."""
+    with EgressProxy(Policy()) as proxy:
+        assert fetch(proxy, "http://localhost./x.jpg") in ("403 wit-refused loopback_address",
+                                                           "403 wit-refused dns_failure")
 
 
 def test_public_addresses_pass_the_check():
@@ -105,3 +125,58 @@ def test_per_host_rate_limit_and_backoff_on_429(web):
         t = time.monotonic()
         assert fetch(proxy, f"http://{FAULT_HOST}/ok/x.jpg")[0] == 200  # same host: waits Retry-After
         assert time.monotonic() - t >= 0.9
+
+
+NETS = {name: tuple(ipaddress.ip_network(n) for n in nets) for name, nets in {
+    "ten": ["10.0.0.0/8"], "everything": ["0.0.0.0/0", "::/0"], "link_local": ["169.254.0.0/16"],
+    "metadata": ["169.254.169.254/32"], "loopback": ["127.0.0.0/8"], "ula": ["fd00::/8"]}.items()}
+
+
+@pytest.mark.parametrize("ip, networks, problem", [
+    ("10.1.2.3", "ten", None),
+    ("::ffff:10.1.2.3", "ten", None),                       # IPv4-mapped, unwrapped first
+    ("192.168.0.10", "ten", "private_address"),             # not listed
+    ("100.64.0.1", "everything", None),                     # shared address space, listed
+    ("169.254.1.1", "everything", "link_local_address"),    # link-local needs a link-local network
+    ("169.254.1.1", "link_local", None),
+    ("169.254.169.254", "everything", "link_local_address"),  # metadata needs itself listed
+    ("169.254.169.254", "link_local", "link_local_address"),
+    ("169.254.169.254", "metadata", None),
+    ("fd00:ec2::254", "ula", "private_address"),            # the IPv6 metadata address too
+    ("fd00::2", "ula", None),
+    ("127.0.0.1", "loopback", "loopback_address"),          # loopback is allow_loopback's alone
+    ("0.0.0.0", "everything", "unspecified_address"),       # connecting to it reaches this machine
+    ("224.0.0.1", "everything", "multicast_address"),
+])
+def test_allowed_networks_let_private_addresses_through_but_not_metadata_or_loopback(ip, networks, problem):
+    assert address_problem(ip, False, NETS[networks]) == problem
+
+
+def own_address() -> str | None:
+    """This machine's address on its first non-loopback interface (the route a packet would take)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the route
+        except OSError:
+            return None
+        ip = s.getsockname()[0]
+    return None if ipaddress.ip_address(ip).is_loopback else ip
+
+
+def test_a_server_on_a_private_network_is_reached_only_when_listed(tmp_path):
+    """A real server on this machine's own non-loopback (private) address: refused by default,
+    fetched once its network is listed in allow_networks."""
+    ip = own_address()
+    if ip is None or address_problem(ip, False) is None:
+        pytest.skip("this machine has no private non-loopback address to serve on")
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 a picture")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer((ip, 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://{ip}:{server.server_address[1]}/a.jpg"
+        with EgressProxy(Policy()) as proxy:
+            assert fetch(proxy, url).startswith("403 wit-refused ")
+        network = ipaddress.ip_network(f"{ip}/24", strict=False)
+        with EgressProxy(Policy(allow_networks=(network,))) as proxy:
+            assert fetch(proxy, url) == (200, b"\xff\xd8\xff\xe0 a picture")
+        server.shutdown()

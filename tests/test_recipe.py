@@ -58,3 +58,11 @@ def test_resolved_recipe_is_saved_in_the_run(tmp_path):
     assert saved["queries"]["quota"]["wordnet"] == 86_654  # defaults are filled in
     assert load_recipe(run.dir / "recipe.toml").queries == recipe.queries.model_copy(
         update={"wikipedia": [str(tmp_path / "dump.xml.bz2")]})
+
+
+def test_allow_networks_must_be_networks(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[run]\nname = "x"\n[download]\nallow_networks = ["10.0.0.0/8", "10.0.0.0/33"]\n')
+    with pytest.raises(WitError) as e:
+        load_recipe(path)
+    assert "download.allow_networks" in str(e.value) and "'10.0.0.0/33' is not a network" in str(e.value)

@@ -7,6 +7,7 @@ anywhere. `run.root` (where run folders go) is the exception: it is relative to 
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -133,6 +134,10 @@ class DownloadSettings(_Section):
     samples_per_shard: int = Field(default=1000, ge=1)  # img2dataset's shard: the unit of resume
     # Egress policy, enforced by the proxy on every hop.
     allow_loopback: bool = False
+    # Networks (CIDRs) to fetch from although private, such as a NAS or an object store inside
+    # 10.0.0.0/8. Link-local needs a network inside 169.254/16 or fe80::/10 listed, the cloud
+    # metadata address needs itself (a /32 or /128); loopback is allow_loopback's alone.
+    allow_networks: list[str] = []
     deadline_s: float = Field(default=30.0, gt=0)  # whole request, not per read
     max_bytes: int = Field(default=20 << 20, ge=1)
     per_host_connections: int = Field(default=16, ge=1)
@@ -142,6 +147,16 @@ class DownloadSettings(_Section):
     # A miniature web: serve these WARC captures (and the fault routes) on 127.0.0.1 and send every
     # host name there. For the demo and tests; needs allow_loopback.
     replay: list[str] = []
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a network: write a CIDR such as 10.0.0.0/8 or fd00::/8") from None
+        return values
 
     @model_validator(mode="after")
     def _replay_needs_loopback(self) -> "DownloadSettings":
