@@ -39,6 +39,8 @@ FAULT_ROUTES = {
     "/redirect-file.jpg": "a redirect to file:///etc/passwd",
     "/redirect-gopher.jpg": "a redirect to a gopher: URL",
     "/redirect-data.jpg": "a redirect to a data: URI (a real GIF)",
+    "/to/<status>/<form>/<target>.jpg": "a redirect (301, 302, 303, 307 or 308) to a forbidden address,"
+                                        " its Location absolute, scheme-relative or with a leading space",
     "/slow.jpg": "a real image after a one-second delay",
     "/429.jpg": "HTTP 429 with Retry-After",
     "/ok/<name>.jpg": "the same real image under any name (exact duplicates)",
@@ -51,6 +53,12 @@ BAD_SCHEME_REDIRECTS = {
     "/redirect-gopher.jpg": f"gopher://{FAULT_HOST}:70/1/x.jpg",
     "/redirect-data.jpg": "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7",
 }
+
+# Forbidden hosts a redirect can point at, by name, and the forms of its Location header.
+REDIRECT_TARGETS = {"private": "10.0.0.1", "private-192": "192.168.0.1", "shared": "100.64.0.1",
+                    "metadata": "169.254.169.254", "ula": "[fd00::1]", "multicast": "224.0.0.1",
+                    "unspecified": "0", "ipv4-compatible": "[::127.0.0.1]"}
+REDIRECT_FORMS = {"absolute": "http://{}/x.jpg", "scheme-relative": "//{}/x.jpg", "leading-space": " http://{}/x.jpg"}
 
 
 def _strip(headers) -> list[tuple[str, str]]:
@@ -203,6 +211,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(302, [("Location", "http://10.0.0.1/secret.jpg")], b"")
         if path == "/redirect-metadata.jpg":
             return self._send(302, [("Location", "http://169.254.169.254/latest/meta-data/")], b"")
+        if path.startswith("/to/") and path.count("/") == 4:
+            _, _, status, form, target = path.split("/")
+            target = target.removesuffix(".jpg")
+            if status in ("301", "302", "303", "307", "308") and form in REDIRECT_FORMS and target in REDIRECT_TARGETS:
+                location = REDIRECT_FORMS[form].format(REDIRECT_TARGETS[target])
+                return self._send(int(status), [("Location", location)], b"")
         if path in BAD_SCHEME_REDIRECTS:
             return self._send(302, [("Location", BAD_SCHEME_REDIRECTS[path])], b"")
         if path == "/slow.jpg":

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from pipelines.egress import EgressProxy, Policy, address_problem
-from pipelines.miniweb import FAULT_HOST, MiniWeb
+from pipelines.miniweb import FAULT_HOST, REDIRECT_FORMS, REDIRECT_TARGETS, MiniWeb
 
 ARCHIVE = REPO / "data" / "warc" / "aut-example-2008.warc.gz"
 
@@ -89,6 +89,23 @@ def test_replay_serves_original_urls_and_checks_every_redirect_hop(web):
         assert fetch(proxy, f"http://{FAULT_HOST}/redirect-private.jpg") == "403 wit-refused private_address"
         assert fetch(proxy, f"http://{FAULT_HOST}/redirect-metadata.jpg") == "403 wit-refused link_local_address"
         assert "https_not_replayed" in fetch(proxy, "https://www.archive.org/x.jpg")
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("private", "private_address"), ("private-192", "private_address"), ("shared", "reserved_address"),
+    ("metadata", "link_local_address"), ("ula", "private_address"), ("multicast", "multicast_address"),
+    ("unspecified", "unspecified_address"), ("ipv4-compatible", "reserved_address"),
+])
+def test_every_redirect_status_and_location_form_to_a_forbidden_address_is_refused(web, target, reason):
+    """301, 302, 303, 307 and 308, with the Location absolute, scheme-relative (`//host/...`) or with a
+    leading space: the next hop goes through the proxy and is refused for what it points at."""
+    assert target in REDIRECT_TARGETS
+    with EgressProxy(Policy(allow_loopback=True, route=web.address)) as proxy:
+        for status in (301, 302, 303, 307, 308):
+            for form in REDIRECT_FORMS:
+                got = fetch(proxy, f"http://{FAULT_HOST}/to/{status}/{form}/{target}.jpg")
+                assert got == f"403 wit-refused {reason}", (status, form, got)
+        assert proxy.stats == {reason: 5 * len(REDIRECT_FORMS)}
 
 
 def test_loopback_is_refused_unless_the_recipe_allows_it(web):
