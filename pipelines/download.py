@@ -34,6 +34,7 @@ import pyarrow as pa
 from wit_builder.runner import Manifest, Stage, Task, partition_entry, step_info
 from wit_builder.workspace import Run, file_identity, parquet_writer, read_table, write_parquet
 
+from . import robots
 from .egress import EgressProxy, Policy
 from .phash import phash_bytes
 from .sampling import keep_rows, read_counts
@@ -214,6 +215,13 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
                         max_bytes=s["max_bytes"], per_host_connections=s["per_host_connections"],
                         per_host_rps=s["per_host_rps"], route=mini.address if mini else None)
         with EgressProxy(policy) as proxy, egress_environment(proxy.url, s["max_pixels"]):
+            if s["respect_robots_txt"] and pending.num_rows:
+                refused = robots.disallowed(pending.column("url").to_pylist(), proxy.url, s["user_agent_token"],
+                                            s["deadline_s"])
+                for i, why in refused.items():
+                    records[pending.column("uid")[i].as_py()] = {"status": "refused", "reason": "robots_txt",
+                                                                 "error_message": why, "attempts": 0}
+                pending = pending.filter(pa.array([i not in refused for i in range(pending.num_rows)], pa.bool_()))
             for attempt in range(1, s["retry_passes"] + 2):
                 if pending.num_rows == 0:
                     break

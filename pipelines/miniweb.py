@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from .urls import idna_host
 
 FAULT_HOST = "faults.wit.test"
+ROBOTS_DOWN_HOST = "robots-down.wit.test"  # a site whose robots.txt answers 503
 # Each fault route and what a downloader must make of it.
 FAULT_ROUTES = {
     "/404.jpg": "HTTP 404",
@@ -41,6 +42,8 @@ FAULT_ROUTES = {
     "/redirect-data.jpg": "a redirect to a data: URI (a real GIF)",
     "/to/<status>/<form>/<target>.jpg": "a redirect (301, 302, 303, 307 or 308) to a forbidden address,"
                                         " its Location absolute, scheme-relative or with a leading space",
+    "/robots.txt": "disallows /robots-disallowed/ for every user agent",
+    "/robots-disallowed/<name>.jpg": "a real image that robots.txt disallows",
     "/slow.jpg": "a real image after a one-second delay",
     "/429.jpg": "HTTP 429 with Retry-After",
     "/ok/<name>.jpg": "the same real image under any name (exact duplicates)",
@@ -157,6 +160,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if host == FAULT_HOST or host.replace(".", "").isdigit():  # or asked by IP, directly
                 return self._fault(path, web)
+            if host == ROBOTS_DOWN_HOST:  # robots.txt fails with 503: the whole site is off limits
+                if path == "/robots.txt":
+                    return self._send(503, [("Content-Type", "text/plain")], b"try later\n")
+                return self._send(200, [("Content-Type", "image/jpeg")], web.sample_image)
             capture = web.captures.get((host, path))
             if capture is None:
                 return self._send(404, [("Content-Type", "text/plain")], b"not in the capture\n")
@@ -222,7 +229,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/slow.jpg":
             web.stop.wait(1.0)
             return self._send(200, image, jpeg)
-        if path.startswith("/ok/"):  # a real image under any name: for planting copies
+        if path == "/robots.txt":
+            return self._send(200, [("Content-Type", "text/plain")], b"User-agent: *\nDisallow: /robots-disallowed/\n")
+        if path.startswith("/ok/") or path.startswith("/robots-disallowed/"):  # a real image under any name
             return self._send(200, image, jpeg)
         if path.startswith("/variant/"):
             return self._send(200, image, reencoded(jpeg, int(path.split("/")[2].split(".")[0])))

@@ -63,7 +63,8 @@ def test_every_fault_becomes_a_row_with_a_reason(tmp_path):
         "redirect-metadata.jpg": ("refused", "link_local_address"), "slow.jpg": ("success", None),
         "429.jpg": ("failed", "http_429"), "cam.jpg": ("refused", "private_address"),
         "iam.jpg": ("refused", "link_local_address"), "photo.jpg": ("refused", "https_not_replayed"),
-        "a.jpg": ("refused", "opt_out_domain"),
+        "a.jpg": ("refused", "opt_out_domain"), "owl.jpg": ("refused", "robots_txt"),
+        "down.jpg": ("refused", "robots_txt"),
     }
     for url, row in got.items():
         name = url.rsplit("/", 1)[1]
@@ -92,6 +93,25 @@ def test_every_fault_becomes_a_row_with_a_reason(tmp_path):
     out = wit("sql", run_dir, "SELECT reason, count(*) n FROM downloads WHERE status != 'success' "
               "GROUP BY 1 ORDER BY 1", "--csv").stdout
     assert "private_address,2" in out and "http_404,1" in out
+
+
+@pytest.mark.slow
+def test_robots_txt_is_honoured_unless_the_recipe_turns_it_off(tmp_path):
+    """A path the site's robots.txt disallows, and a site whose robots.txt answers 503 (complete
+    disallow, RFC 9309), are refused as robots_txt before any image request; the switch turns it off."""
+    rows = [("http://faults.wit.test/robots-disallowed/owl.jpg", "a owl"),
+            ("http://robots-down.wit.test/down.jpg", "a heron"), ("http://faults.wit.test/ok/fine.jpg", "a fox")]
+    outcomes = {}
+    for respect in (True, False):
+        recipe, run_dir = make_run(tmp_path, f"robots-{respect}", rows, {
+            "replay": [str(ARCHIVE)], "allow_loopback": True, "respect_robots_txt": respect})
+        wit("run", recipe)
+        table = pq.read_table(run_dir / f"download/part-robots-{respect}.csv.parquet").to_pylist()
+        outcomes[respect] = {r["url"].rsplit("/", 1)[1]: (r["status"], r["reason"], r["error_message"]) for r in table}
+    assert outcomes[True]["owl.jpg"] == ("refused", "robots_txt", "disallowed by robots.txt")
+    assert outcomes[True]["down.jpg"] == ("refused", "robots_txt", "robots.txt answered HTTP 503: complete disallow")
+    assert outcomes[True]["fine.jpg"][0] == "success"
+    assert {name: o[0] for name, o in outcomes[False].items()} == dict.fromkeys(["owl.jpg", "down.jpg", "fine.jpg"], "success")
 
 
 @pytest.mark.slow

@@ -142,6 +142,7 @@ class DownloadSettings(_Section):
     max_bytes: int = Field(default=20 << 20, ge=1)
     per_host_connections: int = Field(default=16, ge=1)
     per_host_rps: float = Field(default=0.0, ge=0)  # 0: no rate limit
+    respect_robots_txt: bool = True  # each site's robots.txt, for user_agent_token and img2dataset
     opt_out_domains: list[str] = []  # a domain and its subdomains
     opt_out_urls: list[str] = []
     # A miniature web: serve these WARC captures (and the fault routes) on 127.0.0.1 and send every
