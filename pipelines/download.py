@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import json
 import logging
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -32,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from wit_builder.runner import Manifest, Stage, Task, partition_entry, step_info
-from wit_builder.workspace import Run, file_identity, parquet_writer, read_table, write_parquet
+from wit_builder.workspace import Run, atomic_write_bytes, file_identity, parquet_writer, read_table, write_parquet
 
 from . import robots
 from .egress import EgressProxy, Policy
@@ -181,8 +183,41 @@ def pre_cap(rows: pa.Table, counts: str, cap: float, seed: int) -> np.ndarray:
     return keep_rows(rows.column("uid"), rows.column("query_ids"), read_counts(counts), cap, seed)
 
 
+@contextlib.contextmanager
+def reporting(path: str, proxy: EgressProxy, records: dict, total: int, every: float = 2.0):
+    """While the block runs, rewrite `path` every few seconds with the partition's progress: samples
+    decided before any request, then each final answer the proxy gives (a retried sample may count
+    twice; the driver caps it at the partition's size)."""
+    halt = threading.Event()
+
+    def write() -> None:
+        answers = dict(proxy.answers)
+        failures = {k: v for k, v in answers.items() if k not in ("ok", "https")}
+        for r in list(records.values()):
+            if r["status"] == "refused":
+                failures[r["reason"]] = failures.get(r["reason"], 0) + 1
+        body = {"done": min(total, len(records) + sum(answers.values())), "ok": answers.get("ok", 0),
+                "failures": failures}
+        atomic_write_bytes(path, json.dumps(body).encode())
+
+    def loop() -> None:
+        while not halt.wait(every):
+            write()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    if path:
+        write()
+        thread.start()
+    try:
+        yield
+    finally:
+        halt.set()
+        if path:
+            thread.join()
+
+
 def download_part(matched: str, settings: dict, work: str, outputs: dict, counts: str = "",
-                  cap: float = 0, seed: int = 0) -> dict:
+                  cap: float = 0, seed: int = 0, progress: str = "") -> dict:
     s = settings
     rows = read_table(matched, columns=["uid", "url", "text", "query_ids"])
     uids, urls = rows.column("uid").to_pylist(), rows.column("url").to_pylist()
@@ -214,7 +249,8 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
                         deadline_s=s["deadline_s"],
                         max_bytes=s["max_bytes"], per_host_connections=s["per_host_connections"],
                         per_host_rps=s["per_host_rps"], route=mini.address if mini else None)
-        with EgressProxy(policy) as proxy, egress_environment(proxy.url, s["max_pixels"]):
+        with EgressProxy(policy) as proxy, egress_environment(proxy.url, s["max_pixels"]), \
+                reporting(progress, proxy, records, rows.num_rows):
             if s["respect_robots_txt"] and pending.num_rows:
                 refused = robots.disallowed(pending.column("url").to_pylist(), proxy.url, s["user_agent_token"],
                                             s["deadline_s"])
@@ -239,6 +275,9 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
     status_rows = [{"uid": u, "url": url, **records.get(u, {"status": "failed", "reason": "missing"})}
                    for u, url in zip(uids, urls)]
     write_parquet(pa.Table.from_pylist(status_rows, schema=STATUS_SCHEMA), outputs["status"])
+    # img2dataset's own log of every pass, kept beside the partition's outputs.
+    logs = sorted(Path(work).glob("pass-*/img2dataset.log"))
+    atomic_write_bytes(outputs["log"], b"".join(f"--- {p.parent.name}\n".encode() + p.read_bytes() for p in logs))
     shutil.rmtree(work, ignore_errors=True)
     with contextlib.suppress(OSError):
         Path(work).parent.rmdir()  # the _work folder, once no partition is under way
@@ -275,6 +314,7 @@ def keep_image(shard: pa.Table, attempt: int, encode_format: str, records: dict,
 class DownloadStage(Stage):
     name = "download"
     upstream = "match"
+    unit = "sample"
 
     def plan(self, run: Run):
         up = self.upstream_manifest(run)
@@ -288,17 +328,20 @@ class DownloadStage(Stage):
         for part in up.partitions:
             key = part["key"]
             outputs = {"status": str(out / f"part-{key}.parquet"),
-                       "images": str(out / "images" / f"part-{key}.parquet")}
+                       "images": str(out / "images" / f"part-{key}.parquet"),
+                       "log": str(out / "logs" / f"part-{key}.log")}
+            progress = str(run.marker_path(self.name, key)) + ".progress"
             tasks.append(Task(
                 stage=self.name, key=key, func=download_part,
                 kwargs={"matched": part["files"]["matched"], "settings": settings,
                         "work": str(out / "_work" / key), "outputs": outputs,
-                        "counts": up.outputs["counts"], "cap": cap, "seed": run.recipe.run.seed},
+                        "counts": up.outputs["counts"], "cap": cap, "seed": run.recipe.run.seed,
+                        "progress": progress},
                 outputs=list(outputs.values()), marker=str(run.marker_path(self.name, key)),
                 inputs={"version": VERSION, "upstream": part["fingerprint"], "settings": settings,
                         "replay": replay, "counts": up.fingerprint if cap else None, "cap": cap,
                         "seed": run.recipe.run.seed},
-                weight=part["info"].get("matched", 1) or 1, work=str(out / "_work" / key),
+                weight=part["info"].get("matched", 1) or 1, work=str(out / "_work" / key), progress=progress,
             ))
         yield tasks
         infos = step_info(tasks)

@@ -186,6 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refuse(self, reason: str) -> None:
         self.server.stats[reason] = self.server.stats.get(reason, 0) + 1
+        self.server.answered(reason)
         body = f"refused by wit egress policy: {reason}\n".encode()
         try:
             self.send_response(403, f"wit-refused {reason}")
@@ -247,6 +248,8 @@ class _Handler(BaseHTTPRequestHandler):
             length = resp.getheader("Content-Length")
             if length and length.isdigit() and int(length) > policy.max_bytes:
                 return self._refuse("too_large")
+            if not 300 <= resp.status < 400:  # a redirect is not an answer yet: the next hop is
+                self.server.answered("ok" if resp.status < 300 else f"http_{resp.status}")
             self.send_response_only(resp.status, resp.reason)
             for k, v in resp.getheaders():
                 if k.lower() not in HOP_BY_HOP:
@@ -296,6 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.send_response(200, "Connection established")
             self.end_headers()
+            self.server.answered("https")  # what comes back through the tunnel is not ours to read
             self._relay(self.connection, upstream, deadline, policy.max_bytes)
         finally:
             upstream.close()
@@ -327,6 +331,14 @@ class EgressProxy:
         self.server.policy = policy
         self.server.gate = HostGate(policy)
         self.server.stats = {}
+        self.answers: dict[str, int] = {}  # final answers by outcome: "ok", "http_404", a refusal...
+        lock = threading.Lock()
+
+        def answered(outcome: str) -> None:
+            with lock:
+                self.answers[outcome] = self.answers.get(outcome, 0) + 1
+
+        self.server.answered = answered
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

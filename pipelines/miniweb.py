@@ -45,6 +45,7 @@ FAULT_ROUTES = {
     "/robots.txt": "disallows /robots-disallowed/ for every user agent",
     "/robots-disallowed/<name>.jpg": "a real image that robots.txt disallows",
     "/slow.jpg": "a real image after a one-second delay",
+    "/slow/<name>.jpg": "the same, under any name",
     "/429.jpg": "HTTP 429 with Retry-After",
     "/ok/<name>.jpg": "the same real image under any name (exact duplicates)",
     "/variant/<quality>.jpg": "that image re-encoded at another JPEG quality (near duplicates)",
@@ -226,7 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(int(status), [("Location", location)], b"")
         if path in BAD_SCHEME_REDIRECTS:
             return self._send(302, [("Location", BAD_SCHEME_REDIRECTS[path])], b"")
-        if path == "/slow.jpg":
+        if path == "/slow.jpg" or path.startswith("/slow/"):
             web.stop.wait(1.0)
             return self._send(200, image, jpeg)
         if path == "/robots.txt":

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,26 @@ def test_robots_txt_is_honoured_unless_the_recipe_turns_it_off(tmp_path):
     assert outcomes[True]["down.jpg"] == ("refused", "robots_txt", "robots.txt answered HTTP 503: complete disallow")
     assert outcomes[True]["fine.jpg"][0] == "success"
     assert {name: o[0] for name, o in outcomes[False].items()} == dict.fromkeys(["owl.jpg", "down.jpg", "fine.jpg"], "success")
+
+
+@pytest.mark.slow
+def test_progress_moves_while_a_partition_downloads_and_img2dataset_log_is_kept(tmp_path):
+    """Sixteen one-second images on two threads: without a terminal, the log gets a progress line
+    every second (here) while the one partition runs, in samples, with the share ok."""
+    rows = [(f"http://faults.wit.test/slow/{i}.jpg", f"a fox {i}") for i in range(16)]
+    recipe, run_dir = make_run(tmp_path, "slow", rows, {"replay": [str(ARCHIVE)], "allow_loopback": True,
+                                                        "thread_count": 2, "respect_robots_txt": False})
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WIT_PROGRESS_SECONDS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "wit_builder.cli", "run", str(recipe)], cwd=REPO,
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = re.findall(r"download: ([\d,]+) of 16 samples \(\d+%\), [\d.]+/s; (\d+)% ok", proc.stderr)
+    done = [int(d.replace(",", "")) for d, _ in lines]
+    assert len(lines) >= 3 and any(0 < d < 16 for d in done), proc.stderr[-3000:]
+    assert done == sorted(done) and all(ok == "100" for _, ok in lines if _ != "0")
+    log = (run_dir / "download/logs/part-slow.csv.log").read_text()
+    assert log.startswith("--- pass-1") and len(log) > 20
+    assert not list((run_dir / "_state/download").glob("*.progress"))
 
 
 @pytest.mark.slow

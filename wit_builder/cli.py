@@ -20,10 +20,17 @@ class _TqdmHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
-        tqdm.write(self.format(record), file=sys.stderr)
+        from . import runner
+
+        tqdm.write(self.format(record), file=runner.CONSOLE)
 
 
 def _setup_logging(run_dir: Path | None, verbose: bool) -> None:
+    from . import runner
+
+    if runner.CONSOLE is sys.stderr:  # a private copy of the terminal: see runner.CONSOLE
+        runner.CONSOLE = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding="utf-8",
+                                   errors="replace")
     log.setLevel(logging.DEBUG)
     log.handlers.clear()
     console = _TqdmHandler()

@@ -19,6 +19,9 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,10 @@ from .ids import fingerprint
 from .workspace import Run, atomic_write_bytes, io_counters, write_marker
 
 log = logging.getLogger("wit")
+# Where the console log and the progress bars go. The command line points it at a private copy of
+# the terminal's stderr, so that a task that sends the process's own stderr to a file (the download
+# stage, for img2dataset's log) does not swallow them.
+CONSOLE = sys.stderr
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,9 @@ class Task:
     receipt: str = ""
     # A folder where the task keeps resumable work in progress; `--force` deletes it first.
     work: str = ""
+    # A JSON file the task rewrites while it runs ({"done", "ok", "failures": {reason: n}}, in units
+    # of its weight), so the driver's bar and log move before the task ends.
+    progress: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -153,6 +163,7 @@ class Stage:
 
     name: str = ""
     upstream: str = ""  # the stage whose manifest this one plans from
+    unit: str = "B"  # of its tasks' weights, for the progress bar
 
     def plan(self, run: Run) -> Iterator[list[Task]]:
         tasks = self.tasks(run)
@@ -299,6 +310,63 @@ def remove_stale_temporaries(tasks: list[Task]) -> int:
     return removed
 
 
+class LiveProgress:
+    """Moves a step's bar from its running tasks' progress files, once a second; where the bar is off
+    (no terminal), logs a line every WIT_PROGRESS_SECONDS (10): done, rate, share ok, top failures."""
+
+    def __init__(self, tasks: list[Task], bar, label: str, unit: str):
+        self.tasks, self.bar, self.label, self.unit = tasks, bar, label, unit
+        self.done: set[str] = set()
+        self.every = float(os.environ.get("WIT_PROGRESS_SECONDS", "10"))
+        self.start = time.monotonic()
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def finished(self, task: Task) -> None:
+        self.done.add(task.key)
+
+    def snapshot(self) -> tuple[int, int, dict]:
+        done, ok, failures = 0, 0, {}
+        for t in self.tasks:
+            try:
+                p = json.loads(Path(t.progress).read_text()) if t.progress else {}
+            except (OSError, ValueError):
+                p = {}
+            done += t.weight if t.key in self.done else min(int(p.get("done", 0)), t.weight)
+            ok += int(p.get("ok", 0))
+            for reason, n in p.get("failures", {}).items():
+                failures[reason] = failures.get(reason, 0) + int(n)
+        return done, ok, failures
+
+    def _watch(self) -> None:
+        last_line = time.monotonic()
+        while not self.halt.wait(1.0):
+            done, ok, failures = self.snapshot()
+            self.bar.n = done
+            self.bar.refresh()
+            if self.bar.disable and time.monotonic() - last_line >= self.every:
+                last_line = time.monotonic()
+                self.log(done, ok, failures)
+
+    def log(self, done: int, ok: int, failures: dict) -> None:
+        total = self.bar.total or 1
+        rate = done / max(time.monotonic() - self.start, 1e-9)
+        top = ", ".join(f"{r} {n:,}" for r, n in sorted(failures.items(), key=lambda x: -x[1])[:3])
+        answered = ok + sum(failures.values())
+        log.info("%s: %s of %s %ss (%.0f%%), %.1f/s; %.0f%% ok%s", self.label, f"{done:,}", f"{total:,}", self.unit,
+                 100 * done / total, rate, 100 * ok / max(answered, 1), f"; failures: {top}" if top else "")
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.thread.join()
+        for t in self.tasks:
+            if t.progress:
+                Path(t.progress).unlink(missing_ok=True)
+        self.bar.n = self.bar.total
+        self.bar.refresh()
+
+
 def run_step(stage: Stage, step: int, tasks: list[Task], executor, force: bool) -> dict:
     if removed := remove_stale_temporaries(tasks):
         log.info("%s: removed %d temporary files left by an interrupted run", stage.name, removed)
@@ -312,14 +380,20 @@ def run_step(stage: Stage, step: int, tasks: list[Task], executor, force: bool) 
     log.info("%s: %d partitions, %d already complete, %d to run", label, len(tasks), skipped, len(pending))
     failures: list[tuple[Task, BaseException]] = []
     if pending:
-        bar = tqdm(total=sum(t.weight for t in pending), desc=label, unit="B", unit_scale=True,
-                   disable=None, dynamic_ncols=True)
+        bar = tqdm(total=sum(t.weight for t in pending), desc=label, unit=stage.unit, unit_scale=True,
+                   disable=None, dynamic_ncols=True, file=CONSOLE)
+        watch = LiveProgress(pending, bar, label, stage.unit) if any(t.progress for t in pending) else None
         for task, result in executor.map(pending):
-            bar.update(task.weight)
+            if watch:
+                watch.finished(task)
+            else:
+                bar.update(task.weight)
             if isinstance(result, BaseException):
                 failures.append((task, result))
                 log.error("%s/%s failed: %s", stage.name, task.key, result)
                 log.debug("".join(traceback.format_exception(result)))
+        if watch:
+            watch.stop()
         bar.close()
     if failures:
         lines = "\n".join(f"  {t.key}: {failure_text(e)}" for t, e in failures)
