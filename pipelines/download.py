@@ -40,7 +40,7 @@ from . import robots
 from .egress import EgressProxy, Policy
 from .phash import phash_bytes
 from .sampling import keep_rows, read_counts
-from .urls import idna_host
+from .urls import idna_host, normalise_url
 
 log = logging.getLogger("wit")
 VERSION = 2
@@ -89,12 +89,18 @@ def classify(status: str, error: str | None) -> tuple[str, str | None, int | Non
     return "failed", "other", None
 
 
+def opt_out_set(urls: list[str]) -> set[str]:
+    """The recipe's opt-out URLs as the candidates stage writes URLs, so that case, a default port, a
+    fragment or a Unicode host name in the recipe does not let an image through."""
+    return {normalise_url(u)[0] or u for u in urls}
+
+
 def pre_refusal(url: str, opt_out_domains: list[str], opt_out_urls: set[str]) -> str | None:
     """Refusals decided before any request: schemes other than http(s), and the recipe's opt-outs."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         return "bad_scheme"
-    if url in opt_out_urls:
+    if (normalise_url(url)[0] or url) in opt_out_urls:
         return "opt_out_url"
     host = idna_host(parts.hostname or "") or ""
     # A domain the recipe writes in Unicode (`bücher.example`) matches its IDNA form in the URL.
@@ -226,7 +232,7 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
         for uid, keep in zip(uids, pre_cap(rows, counts, cap, seed)):
             if not keep:
                 records[uid] = {"status": "skipped", "reason": "pre_balance_cap", "attempts": 0}
-    opt_urls = set(s["opt_out_urls"])
+    opt_urls = opt_out_set(s["opt_out_urls"])
     domains = [d.lower().lstrip(".") for d in s["opt_out_domains"]]
     for uid, url in zip(uids, urls):
         if uid not in records and (reason := pre_refusal(url, domains, opt_urls)):

@@ -18,7 +18,7 @@ import tomli_w
 from PIL import Image, ImageDraw
 
 from conftest import REPO, wit
-from pipelines.download import classify
+from pipelines.download import classify, opt_out_set, pre_refusal
 from pipelines.egress import EgressProxy, Policy
 from pipelines.miniweb import FAULT_HOST, MiniWeb
 from pipelines.phash import SIDE, hamming, phash_bytes, phash_pixels
@@ -231,3 +231,13 @@ def test_failures_report_groups_ipv6_hosts(run):
     assert rows[("refused", "link_local_address", "fe80::1")] == 1
     assert rows[("refused", "bad_scheme", FAULT_HOST)] == 3
     assert all(d and "[" not in d and "]" not in d for _, _, d in rows)
+
+
+def test_opt_out_urls_match_whatever_form_the_recipe_writes_them_in():
+    """The recipe's opt-out URLs are normalised like the candidates' URLs: scheme and host case, a
+    default port, a fragment and a Unicode host name do not let an opted-out image through."""
+    recipe_urls = ["HTTP://Example.COM:80/a.jpg#top", "http://bücher.example/umschlag.jpg"]
+    opted = opt_out_set(recipe_urls)
+    assert pre_refusal("http://example.com/a.jpg", [], opted) == "opt_out_url"
+    assert pre_refusal(IDN_STORED, [], opted) == "opt_out_url"
+    assert pre_refusal("http://example.com/b.jpg", [], opted) is None
