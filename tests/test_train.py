@@ -400,6 +400,8 @@ def test_classnames_for_an_image_folder_are_matched_to_folders_by_name(tmp_path,
         (root / folder).mkdir(parents=True)
         for i in range(3):
             (root / folder / f"{i}.png").write_bytes(png_of(colour))
+    (root / ".ipynb_checkpoints").mkdir()  # hidden: not a class, with --classnames or without
+    (root / ".ipynb_checkpoints" / "0.png").write_bytes(png_of((9, 9, 9)))
     names = tmp_path / "names.txt"
     names.write_text("Mid Point\nzebra\napple\n")  # not the folders' order; case and '_' differ
     name_of_colour = {colour: folder.replace("_", " ").lower() for folder, colour in colours.items()}

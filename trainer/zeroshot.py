@@ -80,7 +80,8 @@ class ImageFolder(torch.utils.data.IterableDataset):
 
 
 def class_folders(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
+    """The class sub-folders; hidden ones (.ipynb_checkpoints, .cache) are not classes."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def same_name(name: str) -> str:
