@@ -55,7 +55,8 @@ def stage(urls: list[str], out: Path, threads: int) -> float:
     settings = DownloadSettings(thread_count=threads, allow_loopback=True, timeout=10).model_dump(mode="json")
     t = time.perf_counter()
     info = download_part(str(matched), settings, str(out / "work"),
-                         {"status": str(out / "status.parquet"), "images": str(out / "images.parquet")})
+                         {"status": str(out / "status.parquet"), "images": str(out / "images.parquet"),
+                          "log": str(out / "download.log")})
     seconds = time.perf_counter() - t
     assert info.get("success") == len(urls), info
     return seconds
