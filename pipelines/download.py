@@ -190,19 +190,23 @@ def pre_cap(rows: pa.Table, counts: str, cap: float, seed: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def reporting(path: str, proxy: EgressProxy, records: dict, total: int, every: float = 2.0):
-    """While the block runs, rewrite `path` every few seconds with the partition's progress: samples
-    decided before any request, then each final answer the proxy gives (a retried sample may count
-    twice; the driver caps it at the partition's size)."""
+def reporting(path: str, proxy: EgressProxy, decided: dict, total: int, every: float = 2.0):
+    """While the block runs, rewrite `path` every few seconds with the partition's progress: the
+    samples `decided` before any image request, then each final answer the proxy gives from here on
+    (a retried sample may count twice; the driver caps it at the partition's size)."""
     halt = threading.Event()
+    before = dict(proxy.answers)  # robots.txt requests are not samples
+    refused: dict[str, int] = {}
+    for r in decided.values():
+        if r["status"] == "refused":
+            refused[r["reason"]] = refused.get(r["reason"], 0) + 1
 
     def write() -> None:
-        answers = dict(proxy.answers)
-        failures = {k: v for k, v in answers.items() if k not in ("ok", "https")}
-        for r in list(records.values()):
-            if r["status"] == "refused":
-                failures[r["reason"]] = failures.get(r["reason"], 0) + 1
-        body = {"done": min(total, len(records) + sum(answers.values())), "ok": answers.get("ok", 0),
+        answers = {k: v - before.get(k, 0) for k, v in dict(proxy.answers).items()}
+        failures = {k: v for k, v in answers.items() if k not in ("ok", "https") and v}
+        for reason, n in refused.items():
+            failures[reason] = failures.get(reason, 0) + n
+        body = {"done": min(total, len(decided) + sum(answers.values())), "ok": answers.get("ok", 0),
                 "failures": failures}
         atomic_write_bytes(path, json.dumps(body).encode())
 
@@ -255,8 +259,7 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
                         deadline_s=s["deadline_s"],
                         max_bytes=s["max_bytes"], per_host_connections=s["per_host_connections"],
                         per_host_rps=s["per_host_rps"], route=mini.address if mini else None)
-        with EgressProxy(policy) as proxy, egress_environment(proxy.url, s["max_pixels"]), \
-                reporting(progress, proxy, records, rows.num_rows):
+        with EgressProxy(policy) as proxy, egress_environment(proxy.url, s["max_pixels"]):
             if s["respect_robots_txt"] and pending.num_rows:
                 refused = robots.disallowed(pending.column("url").to_pylist(), proxy.url, s["user_agent_token"],
                                             s["deadline_s"])
@@ -264,19 +267,20 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
                     records[pending.column("uid")[i].as_py()] = {"status": "refused", "reason": "robots_txt",
                                                                  "error_message": why, "attempts": 0}
                 pending = pending.filter(pa.array([i not in refused for i in range(pending.num_rows)], pa.bool_()))
-            for attempt in range(1, s["retry_passes"] + 2):
-                if pending.num_rows == 0:
-                    break
-                if attempt > 1:
-                    time.sleep(s["retry_delay_s"])
-                folder = Path(work) / f"pass-{attempt}"
-                resumed += len(list((folder / "out").glob("*_stats.json")))  # shards a killed run finished
-                for shard in run_img2dataset(pending, folder, s):
-                    shard = shard.take(pa.array(np.argsort([position[u] for u in shard.column("uid").to_pylist()],
-                                                            kind="stable")))
-                    keep_image(shard, attempt, s["encode_format"], records, images)
-                retry = [records.get(u, {}).get("reason") in RETRYABLE for u in pending.column("uid").to_pylist()]
-                pending = pending.filter(pa.array(retry, pa.bool_()))
+            with reporting(progress, proxy, dict(records), rows.num_rows):
+                for attempt in range(1, s["retry_passes"] + 2):
+                    if pending.num_rows == 0:
+                        break
+                    if attempt > 1:
+                        time.sleep(s["retry_delay_s"])
+                    folder = Path(work) / f"pass-{attempt}"
+                    resumed += len(list((folder / "out").glob("*_stats.json")))  # shards a killed run finished
+                    for shard in run_img2dataset(pending, folder, s):
+                        shard = shard.take(pa.array(np.argsort([position[u] for u in shard.column("uid").to_pylist()],
+                                                                kind="stable")))
+                        keep_image(shard, attempt, s["encode_format"], records, images)
+                    retry = [records.get(u, {}).get("reason") in RETRYABLE for u in pending.column("uid").to_pylist()]
+                    pending = pending.filter(pa.array(retry, pa.bool_()))
 
     status_rows = [{"uid": u, "url": url, **records.get(u, {"status": "failed", "reason": "missing"})}
                    for u, url in zip(uids, urls)]

@@ -125,12 +125,14 @@ def bucket_writer(folder: str | Path, name: str, buckets: int, compression: str 
     with atomic_path(folder / f"{name}.arrow") as tmp, pa.OSFile(str(tmp), "wb") as data:
         def write(table: pa.Table, bucket: np.ndarray) -> None:
             order, sorted_buckets = sort_with_order(bucket, max(buckets - 1, 1).bit_length())
-            starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]]) if len(order) else []
+            starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]]) if len(order) \
+                else np.zeros(0, np.int64)
+            grouped = table.take(pa.array(order))  # one gather; each bucket's rows are then a slice
             span = np.zeros((buckets, 2), np.int64)
-            for start, end in zip(starts, np.r_[starts[1:], len(order)]):
+            for start, end in zip(starts.tolist(), np.r_[starts[1:], len(order)].tolist()):
                 offset = data.tell()
                 with pa.ipc.new_stream(data, table.schema, options=options) as stream:  # leaves data open
-                    stream.write_table(table.take(pa.array(order[start:end])))
+                    stream.write_table(grouped.slice(start, end - start))
                 span[int(sorted_buckets[start])] = (offset, data.tell() - offset)
             spans.append(span)
 
