@@ -20,8 +20,8 @@ most k blocks, so they agree exactly on at least r; take the first r blocks they
 smallest is block i <= k. A hash is keyed by each block i <= k (its block-i bits) and goes to the
 buckets of those k + 1 keys, once to each bucket, with a bit mask of the blocks that led there; the
 bucket task compares only hashes that share block i and also agree on r - 1 later blocks. So a hash
-is written at most k + 1 times whatever r is; r grows with the corpus (2, then 3 from half a million
-images, 4 from 200 million) so that hashes rarely share a key by chance.
+is written at most k + 1 times whatever r is; r grows with the corpus (`neardup.band_r`) so that
+hashes rarely share a key by chance.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import gzip
 import tarfile
 from pathlib import Path
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,14 +40,14 @@ from wit_builder.ids import fingerprint
 from wit_builder.runner import (Manifest, Stage, Task, combined_fingerprint, completed, partition_entry,
                                 step_info)
 from wit_builder.shuffle import (SLICE_ROW_GROUP, bucket_folder, bucket_of, read_bucket, read_slice, scatter,
-                                 sort_with_order, splitmix64, string_hash64, take_by_uid, u64_to_uid, uid_to_u64)
+                                 splitmix64, string_hash64, take_by_uid, u64_to_uid, uid_to_u64)
 from wit_builder.workspace import Run, file_identity, parquet_file, read_table, write_parquet
 
-from .neardup import blocks, close_pairs_led_by
+from .neardup import band_r, blocks, close_pairs, collapse_identical
 from .phash import SIDE, phash_bytes, phash_pixels
 from .sampling import query_counts, sum_counts_task
 
-VERSION = 3
+VERSION = 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 RECORDS_PER_BUCKET = 4_000_000  # band records; a bucket task then peaks near 1 GB
 
@@ -71,15 +72,6 @@ SHA, URL, NEAR = 0, 1, 2  # edge kinds
 REASONS = pa.array(["exact_image", "same_url", "near_duplicate"])  # a removed image's reason, by code
 
 
-def band_r(images: int, radius: int) -> int:
-    """How many blocks two near hashes must share: more for bigger corpora, so that a key's random
-    collisions stay rare: at k = 4, keys of 21, 27 and 32 bits in 15, 35 and 70 tables; more tables
-    cost more than the chance candidates they save below each threshold."""
-    if radius == 0:
-        return 1
-    return min(2 if images < 500_000 else 3 if images < 200_000_000 else 4, radius + 1)
-
-
 def keeper_rank(query_ids: pa.ChunkedArray, width, height) -> np.ndarray:
     """Smaller is a better keeper: more queries first, then the larger image."""
     nq = np.minimum(pc.list_value_length(query_ids).to_numpy(zero_copy_only=False), 255).astype(np.uint64)
@@ -97,29 +89,40 @@ def survivors_input(status: str, matched: str) -> pa.Table:
                      "query_ids": m.column("query_ids")})
 
 
+@numba.njit(cache=True)
+def _records_per_bucket(bucket):
+    """Rows (hash, block mask, bucket) from each hash's block buckets (k + 1, n): block i's record
+    unless an earlier block's went to the same bucket; its mask, every block that goes there."""
+    keyed, n = bucket.shape
+    rows = np.empty(keyed * n, np.int64)
+    masks = np.empty(keyed * n, np.uint32)
+    where = np.empty(keyed * n, np.int64)
+    count = 0
+    for i in range(keyed):
+        for x in range(n):
+            first, mask = True, np.uint32(0)
+            for j in range(keyed):
+                if bucket[j, x] == bucket[i, x]:
+                    first = first and j >= i
+                    mask |= np.uint32(1) << np.uint32(j)
+            if first:
+                rows[count], masks[count], where[count] = x, mask, bucket[i, x]
+                count += 1
+    return rows[:count], masks[:count], where[:count]
+
+
 def band_records(phash: np.ndarray, part: np.ndarray, uid: np.ndarray, rank: np.ndarray, radius: int,
                  r: int, buckets: int) -> tuple[pa.Table, np.ndarray]:
     """Each hash's band records and their buckets: one record per bucket that any of its k + 1 block
     keys hashes to, with `blocks` the bit mask of those blocks, so a bucket holds each image once."""
     keyed = blocks(radius + r)[: radius + 1]
-    bucket = [bucket_of(splitmix64(((phash >> np.uint64(shift)) & np.uint64((1 << width) - 1))
-                                   ^ (np.uint64(i + 1) << np.uint64(56))), buckets)
-              for i, (shift, width) in enumerate(keyed)]
-    rows, masks, where = [], [], []
-    for i in range(len(keyed)):
-        same = [bucket[j] == bucket[i] for j in range(len(keyed))]
-        # Block i's record, unless an earlier block's record went to the same bucket.
-        first = np.flatnonzero(~np.logical_or.reduce(same[:i])) if i else np.arange(len(phash))
-        mask = np.zeros(len(phash), np.uint32)
-        for j, equal in enumerate(same):
-            mask |= equal.astype(np.uint32) << np.uint32(j)
-        rows.append(first)
-        masks.append(mask[first])
-        where.append(bucket[i][first])
-    rows = np.concatenate(rows)
-    table = pa.table({"blocks": np.concatenate(masks), "phash": phash[rows], "part": pa.array(part[rows], pa.int32()),
+    bucket = np.stack([bucket_of(splitmix64(((phash >> np.uint64(shift)) & np.uint64((1 << width) - 1))
+                                            ^ (np.uint64(i + 1) << np.uint64(56))), buckets).astype(np.int64)
+                       for i, (shift, width) in enumerate(keyed)])
+    rows, masks, where = _records_per_bucket(bucket)
+    table = pa.table({"blocks": masks, "phash": phash[rows], "part": pa.array(part[rows], pa.int32()),
                       "uid": uid[rows], "rank": rank[rows]}, schema=BAND_SCHEMA)
-    return table, np.concatenate(where)
+    return table, where
 
 
 def map_part(status: str, matched: str, part: int, radius: int, r: int, buckets: int, shuffle: str) -> dict:
@@ -186,98 +189,74 @@ def exact_edges(records: pa.Table) -> pa.Table:
     return pa.concat_tables(found)
 
 
+@numba.njit(cache=True)
+def _per_distinct_hash(of, count, part, uid, blocks):
+    """For each distinct hash: its first corpus image (-1 if none), its number of corpus images, its
+    evaluation image (the smallest set, then index; -1 if none) and its block mask."""
+    first_corpus = np.full(count, -1, np.int64)
+    n_corpus = np.zeros(count, np.int64)
+    evaluation = np.full(count, -1, np.int64)
+    mask = np.zeros(count, np.uint32)
+    for x in range(len(of)):
+        h = of[x]
+        mask[h] = blocks[x]  # the same in every record of a hash: its buckets depend on the hash alone
+        if part[x] >= 0:
+            n_corpus[h] += 1
+            if first_corpus[h] < 0:
+                first_corpus[h] = x
+        else:
+            e = evaluation[h]
+            if e < 0 or -part[x] < -part[e] or (part[x] == part[e] and uid[x] < uid[e]):
+                evaluation[h] = x
+    return first_corpus, n_corpus, evaluation, mask
+
+
 def near_edges(records: pa.Table, radius: int, r: int) -> tuple[pa.Table, pa.Table]:
     """Edges between corpus images whose pHashes are within the radius, and hits of corpus images
     on evaluation images, among one bucket's band records (each image once)."""
     if records.num_rows == 0:
         return EDGE_SCHEMA.empty_table(), HIT_SCHEMA.empty_table()
     nodes = {name: records.column(name).to_numpy() for name in BAND_SCHEMA.names}
-    # Identical hashes collapse to one representative first: a pile of identical images (blank,
-    # placeholder) then costs O(n), not O(n^2) comparisons.
-    reps, rep_of_node = np.unique(nodes["phash"], return_inverse=True)
     corpus = nodes["part"] >= 0
-    # Per rep: its corpus nodes first, in record order (map tasks in name order: deterministic).
-    by_rep, rep_sorted = sort_with_order(rep_of_node.astype(np.uint64) * np.uint64(2) + ~corpus,
-                                         int(2 * len(reps)).bit_length())
-    rep_sorted = (rep_sorted >> np.uint64(1)).astype(np.int64)
-    rep_start = np.flatnonzero(np.r_[True, rep_sorted[1:] != rep_sorted[:-1]])  # every rep has a node
-    n_corpus = np.bincount(rep_of_node[corpus], minlength=len(reps))
-    first_corpus = np.where(n_corpus > 0, by_rep[np.minimum(rep_start, len(by_rep) - 1)], -1)
-    # The evaluation image of a rep: the smallest (set, index) among its members.
-    eval_nodes = np.flatnonzero(~corpus)
-    eval_of_rep = np.full(len(reps), -1, np.int64)
-    if len(eval_nodes):
-        order = eval_nodes[np.lexsort((nodes["uid"][eval_nodes], -nodes["part"][eval_nodes]))][::-1]
-        eval_of_rep[rep_of_node[order]] = order  # the last write (the smallest) wins
-
-    edges_a, edges_b, dist = [], [], []
+    # Identical hashes collapse to one first: a pile of identical images (blank, placeholder) then
+    # costs O(n), not O(n^2) comparisons.
+    reps, rep_of_node = collapse_identical(nodes["phash"])
+    first_corpus, n_corpus, eval_of_rep, rep_blocks = _per_distinct_hash(
+        rep_of_node, len(reps), nodes["part"], nodes["uid"], nodes["blocks"])
     # Identical hashes: a star from the first corpus image.
-    members = by_rep[n_corpus[rep_sorted] > 1]
-    members = members[corpus[members]]
-    lead = first_corpus[rep_of_node[members]]
-    edges_a.append(lead[members != lead])
-    edges_b.append(members[members != lead])
-    dist.append(np.zeros(int((members != lead).sum()), np.int32))
-    # Distinct hashes that share the r - 1 later blocks too: pairs within the radius. A hash's block
-    # mask is the same in every record of it (its buckets depend on the hash alone).
-    rep_blocks = np.zeros(len(reps), np.uint32)
-    rep_blocks[rep_of_node] = nodes["blocks"]
-    ra, rb = _band_pairs(reps, rep_blocks, radius, r)
+    star = np.flatnonzero(corpus)
+    lead = first_corpus[rep_of_node[star]]
+    later = lead != star
+    # Distinct hashes within the radius, each pair once.
+    ra, rb = close_pairs(reps, rep_blocks, radius, r) if radius else (np.zeros(0, np.int64),) * 2
     d = np.bitwise_count(reps[ra] ^ reps[rb]).astype(np.int32)
     both = (first_corpus[ra] >= 0) & (first_corpus[rb] >= 0)
-    edges_a.append(first_corpus[ra][both])
-    edges_b.append(first_corpus[rb][both])
-    dist.append(d[both])
-    a, b = np.concatenate(edges_a).astype(np.int64), np.concatenate(edges_b).astype(np.int64)
-    edges = _edges(NEAR, nodes, nodes, a, b)
+    edges = _edges(NEAR, nodes, nodes, np.r_[lead[later], first_corpus[ra][both]],
+                   np.r_[star[later], first_corpus[rb][both]])
 
-    # Hits: every corpus image of a rep that has (or is within the radius of) an evaluation image.
-    hit_rep = [np.flatnonzero(eval_of_rep >= 0)]
-    hit_eval = [eval_of_rep[hit_rep[0]]]
-    hit_dist = [np.zeros(len(hit_rep[0]), np.int32)]
+    # Hits: every corpus image of a hash that is (or is within the radius of) an evaluation image's.
+    hr = [np.flatnonzero((eval_of_rep >= 0) & (n_corpus > 0))]
+    he, hd = [eval_of_rep[hr[0]]], [np.zeros(len(hr[0]), np.int32)]
     for x, y in ((ra, rb), (rb, ra)):
         sel = (eval_of_rep[y] >= 0) & (n_corpus[x] > 0)
-        hit_rep.append(x[sel])
-        hit_eval.append(eval_of_rep[y][sel])
-        hit_dist.append(d[sel])
-    hr, he, hd = np.concatenate(hit_rep), np.concatenate(hit_eval), np.concatenate(hit_dist)
-    # Expand each rep to its corpus images.
+        hr.append(x[sel])
+        he.append(eval_of_rep[y][sel])
+        hd.append(d[sel])
+    hr, he, hd = np.concatenate(hr), np.concatenate(he), np.concatenate(hd)
+    # Expand each hit to its hash's corpus images (few: sort just those).
+    hit = np.zeros(len(reps), bool)
+    hit[hr] = True
+    images = np.flatnonzero(corpus & hit[rep_of_node])
+    images = images[np.argsort(rep_of_node[images], kind="stable")]
     counts = n_corpus[hr]
-    starts = np.repeat(rep_start[hr], counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
-    corpus_nodes = by_rep[starts] if len(starts) else np.zeros(0, np.int64)
+    starts = np.searchsorted(rep_of_node[images], hr)
+    corpus_nodes = images[np.repeat(starts, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)]
     ev = np.repeat(he, counts)
     hits = pa.table({"part": pa.array(nodes["part"][corpus_nodes], pa.int32()), "uid": nodes["uid"][corpus_nodes],
                      "distance": pa.array(np.repeat(hd, counts), pa.int32()),
                      "eval_set": pa.array(-nodes["part"][ev] - 1, pa.int32()), "eval_index": nodes["uid"][ev]},
                     schema=HIT_SCHEMA)
     return edges, hits
-
-
-def sorted_unique(x: np.ndarray) -> np.ndarray:
-    """np.unique by sorting (numpy 2's hash-based unique is several times slower on big int arrays)."""
-    x = np.sort(x)
-    return x[np.r_[True, x[1:] != x[:-1]]] if len(x) else x
-
-
-def _band_pairs(reps: np.ndarray, rep_blocks: np.ndarray, radius: int, r: int):
-    """Pairs of distinct hashes (indices into reps) within the radius that share a band key: the
-    hashes keyed here by block i, compared on each choice of r - 1 later blocks. Identical hashes
-    were collapsed already, so radius 0 has nothing left to find."""
-    cuts = blocks(radius + r)
-    found_a, found_b = [], []
-    for i in range(radius + 1) if radius else []:
-        mine = np.flatnonzero(rep_blocks & np.uint32(1 << i))
-        if len(mine) < 2:
-            continue
-        a, b = close_pairs_led_by(reps[mine], cuts, i, r, radius)
-        found_a.append(mine[a])
-        found_b.append(mine[b])
-    if not found_a:
-        empty = np.zeros(0, np.int64)
-        return empty, empty
-    a, b = np.concatenate(found_a), np.concatenate(found_b)
-    pairs = sorted_unique(np.minimum(a, b) * len(reps) + np.maximum(a, b))  # a pair shares several keys
-    return pairs // len(reps), pairs % len(reps)
 
 
 def bucket_part(shuffle: str, bucket: int, radius: int, r: int, outputs: dict) -> dict:

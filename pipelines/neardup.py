@@ -1,20 +1,24 @@
 """Near-duplicate search over 64-bit hashes, sub-quadratic, with recall 1.0 within the radius.
 
 Pigeonhole: cut the 64 bits into m = k + r blocks. Two hashes within Hamming distance k differ in at
-most k blocks, so at least r blocks agree exactly. For each of the C(m, r) choices of r blocks, hashes
-are sorted by those blocks and only hashes with the same key are compared. Each pair that agrees on r
-blocks is found in at least one table, so none is missed. r = 2 suits up to about a million hashes;
-beyond, r = 3 makes the keys long enough (~27 bits) that random hashes rarely share one, which costs
-more tables but far fewer comparisons.
+most k blocks, so at least r blocks agree exactly, and the first of them is among the first k + 1. A
+table is a choice of r blocks (a lead block and r - 1 later ones); two hashes are compared in a table
+only when they agree on its blocks, and a pair is reported only by the first table it agrees on (its
+first r agreeing blocks), so each pair is found once, in exactly one table. r = 2 suits up to about 100 million hashes; beyond,
+r = 3 makes the keys long enough (~27 bits) that random hashes rarely share one, which costs more
+tables but far fewer comparisons (`band_r`).
+
+The search is one compiled pass per lead block: hashes are grouped by their lead block, and within a
+group each table is a counting sort by the table's key into about as many bins as members, then a
+scan of each bin. Groups stay small enough for the cache, and no candidate pair is ever materialised.
 """
 
 from __future__ import annotations
 
 from itertools import combinations
 
+import numba
 import numpy as np
-
-from wit_builder.shuffle import sort_with_order
 
 
 def blocks(m: int) -> list[tuple[int, int]]:
@@ -27,109 +31,219 @@ def blocks(m: int) -> list[tuple[int, int]]:
     return out
 
 
-def pairs_within_runs(order: np.ndarray, keys_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs (into the unsorted array) whose keys are equal."""
-    starts = np.flatnonzero(np.r_[True, keys_sorted[1:] != keys_sorted[:-1]])
-    lengths = np.diff(np.r_[starts, len(keys_sorted)])
-    multi = lengths > 1
-    starts, lengths = starts[multi], lengths[multi]
-    if not len(starts):
-        empty = np.zeros(0, np.int64)
-        return empty, empty
-    per = lengths * (lengths - 1) // 2
-    run = np.repeat(np.arange(len(starts)), per)
-    # Position of each pair inside its run, then (a, b) with a < b by inverting the triangular number.
-    offset = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
-    n = lengths[run]
-    a = (2 * n - 1 - np.sqrt((2 * n - 1) ** 2 - 8 * offset)) // 2
-    a = a.astype(np.int64)
-    fix = a * (2 * n - a - 1) // 2 > offset  # float rounding at the edges
-    a[fix] -= 1
-    b = offset - a * (2 * n - a - 1) // 2 + a + 1
-    base = starts[run]
-    return order[base + a], order[base + b]
+def band_r(hashes: int, radius: int) -> int:
+    """How many blocks two near hashes must share: more for bigger corpora, so that a key's random
+    collisions stay rare. At k = 4 keys of 21, 27 and 32 bits in 15, 35 and 70 tables. Measured on
+    one core (`bench/neardup.py`): r = 2 costs 0.7 us per hash at 10M and 40M hashes, r = 3 1.0 us;
+    r = 2's chance comparisons grow with the corpus and catch up near 100M."""
+    if radius == 0:
+        return 1
+    return min(2 if hashes < 100_000_000 else 3 if hashes < 200_000_000 else 4, radius + 1)
 
 
-def pairs_sharing_blocks(hashes: np.ndarray, chosen) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs of hashes that agree exactly on the chosen (shift, width) blocks."""
-    key, key_bits = np.zeros(len(hashes), np.uint64), 0
-    for shift, width in chosen:
-        key = (key << np.uint64(width)) | ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1))
-        key_bits += width
-    return pairs_within_runs(*sort_with_order(key, key_bits))
+def tables(radius: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bit mask of each of the radius + r blocks, and every table as its r block numbers, the lead
+    block first (leads 0..radius: the first agreeing block of a close pair is one of them)."""
+    cuts = blocks(radius + r)
+    masks = np.array([((1 << width) - 1) << shift for shift, width in cuts], np.uint64)
+    rows = [(lead, *later) for lead in range(radius + 1)
+            for later in combinations(range(lead + 1, len(cuts)), r - 1)]
+    return masks, np.array(rows, np.int64).reshape(len(rows), r)
 
 
-def close_pairs_led_by(hashes: np.ndarray, cuts: list[tuple[int, int]], first: int, r: int, radius: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs within the radius among hashes that agree on block `first` and on some r - 1
-    later blocks: one sorted table per choice of later blocks. Each block sits in a fixed slot of a
-    word above the hash's index, so a table's key is a few ORs of precomputed words, one in-place
-    sort, and a scan for equal neighbours (chance ones are rare when the keys are long enough)."""
+@numba.njit(cache=True, inline="always")
+def _popcount(x):
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@numba.njit(cache=True, inline="always")
+def _bin(key, bits):
+    """One of 2**bits bins for a key: equal keys share a bin, others spread (murmur3's finaliser)."""
+    if bits == 0:
+        return 0
+    key ^= key >> np.uint64(33)
+    key *= np.uint64(0xFF51AFD7ED558CCD)
+    key ^= key >> np.uint64(33)
+    return np.int64(key >> np.uint64(64 - bits))
+
+
+@numba.njit(cache=True, inline="always")
+def _bit_length(x):
+    bits = 0
+    while x:
+        x >>= 1
+        bits += 1
+    return bits
+
+
+@numba.njit(cache=True, inline="always")
+def _first_table_is(difference, masks, table):
+    """Whether the first r blocks on which a pair agrees are exactly this table's blocks."""
+    found = 0
+    for c in range(len(masks)):
+        if (difference & masks[c]) == 0:
+            if c != table[found]:
+                return False
+            found += 1
+            if found == len(table):
+                return True
+    return False
+
+
+@numba.njit(cache=True)
+def _group_by_lead(hashes, leads, bit, mask):
+    """The hashes led by this block, grouped by its value (hashed into about n / 256 groups, at most
+    2**11): their indices, their hashes side by side (so that the tables read them from the cache),
+    and where each group starts."""
     n = len(hashes)
-    slot = max(width for _, width in cuts)
-    index_bits = max(int(n - 1).bit_length(), 1)
-    tables = list(combinations(range(first + 1, len(cuts)), r - 1))
-    if index_bits + r * slot > 64:  # a huge bucket: the general path
-        found = [pairs_sharing_blocks(hashes, [cuts[c] for c in (first, *chosen)]) for chosen in tables]
-        a = np.concatenate([x for x, _ in found] or [np.zeros(0, np.int64)])
-        b = np.concatenate([y for _, y in found] or [np.zeros(0, np.int64)])
-    else:
-        placed = {}
+    led = 0
+    for x in range(n):
+        if leads[x] & bit:
+            led += 1
+    group_bits = min(11, max(0, _bit_length(led) - 8))
+    group_of = np.empty(n, np.int64)
+    starts = np.zeros((1 << group_bits) + 1, np.int64)
+    for x in range(n):
+        if leads[x] & bit:
+            g = _bin(hashes[x] & mask, group_bits)
+            group_of[x] = g
+            starts[g + 1] += 1
+    for g in range(1 << group_bits):
+        starts[g + 1] += starts[g]
+    fill = starts[:-1].copy()
+    members = np.empty(led, np.int64)
+    grouped = np.empty(led, np.uint64)
+    for x in range(n):
+        if leads[x] & bit:
+            members[fill[group_of[x]]] = x
+            grouped[fill[group_of[x]]] = hashes[x]
+            fill[group_of[x]] += 1
+    return members, grouped, starts
 
-        def in_slot(block: int, position: int) -> np.ndarray:
-            if (block, position) not in placed:
-                shift, width = cuts[block]
-                placed[block, position] = ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)) \
-                    << np.uint64(index_bits + position * slot)
-            return placed[block, position]
 
-        lead = in_slot(first, r - 1) | np.arange(n, dtype=np.uint64)
-        index_mask = np.uint64((1 << index_bits) - 1)
-        found_a, found_b = [], []
-        key = np.empty(n, np.uint64)
-        for chosen in tables:
-            np.bitwise_or(lead, in_slot(chosen[0], 0), out=key)
-            for position, block in enumerate(chosen[1:], 1):
-                key |= in_slot(block, position)
-            key.sort()
-            blocks_only = key >> np.uint64(index_bits)
-            equal = np.flatnonzero(blocks_only[1:] == blocks_only[:-1])
-            if len(equal):
-                members = np.sort(np.r_[equal, equal + 1])  # every hash with a twin, in sorted order
-                members = members[np.r_[True, members[1:] != members[:-1]]]
-                a, b = pairs_within_runs((key[members] & index_mask).astype(np.int64), blocks_only[members])
-                found_a.append(a)
-                found_b.append(b)
-        a = np.concatenate(found_a) if found_a else np.zeros(0, np.int64)
-        b = np.concatenate(found_b) if found_b else np.zeros(0, np.int64)
-    close = np.bitwise_count(hashes[a] ^ hashes[b]) <= radius
-    return a[close], b[close]
+@numba.njit(cache=True)
+def _pairs_in_table(group, table, masks, radius, keys, bins, order, counts, out_a, out_b, found):
+    """Pairs of one group within the radius whose first agreeing blocks are this table's, written to
+    out_a/out_b (positions in the group) from `found` on; the new count, or -1 when they are full."""
+    size = len(group)
+    table_mask = np.uint64(0)
+    for c in range(len(table)):
+        table_mask |= masks[table[c]]
+    # A stable counting sort of the group by the table's key, into about as many bins as members.
+    bin_bits = _bit_length(size - 1)
+    counts[: (1 << bin_bits) + 1] = 0
+    for q in range(size):
+        keys[q] = group[q] & table_mask
+        bins[q] = _bin(keys[q], bin_bits)
+        counts[bins[q] + 1] += 1
+    for b in range(1 << bin_bits):
+        counts[b + 1] += counts[b]
+    for q in range(size):
+        order[counts[bins[q]]] = q
+        counts[bins[q]] += 1
+    start = 0  # counts[b] is now where bin b ends
+    for b in range(1 << bin_bits):
+        end = counts[b]
+        for p in range(start, end):
+            key = keys[order[p]]
+            for q in range(p + 1, end):
+                if keys[order[q]] != key:
+                    continue
+                difference = group[order[p]] ^ group[order[q]]
+                if _popcount(difference) <= radius and _first_table_is(difference, masks, table):
+                    if found == len(out_a):
+                        return -1
+                    out_a[found] = order[p]
+                    out_b[found] = order[q]
+                    found += 1
+        start = end
+    return found
+
+
+@numba.njit(cache=True)
+def _close_pairs(hashes, leads, masks, tables, radius):
+    out_a = np.empty(4096, np.int64)
+    out_b = np.empty(4096, np.int64)
+    found = 0
+    for lead in range(radius + 1):
+        members, grouped, starts = _group_by_lead(hashes, leads, np.uint32(1) << np.uint32(lead), masks[lead])
+        biggest = np.max(starts[1:] - starts[:-1]) if len(members) else 0
+        if biggest < 2:
+            continue
+        keys = np.empty(biggest, np.uint64)
+        bins = np.empty(biggest, np.int64)
+        order = np.empty(biggest, np.int64)
+        counts = np.empty((1 << _bit_length(biggest)) + 1, np.int64)
+        for g in range(len(starts) - 1):
+            lo, hi = starts[g], starts[g + 1]
+            if hi - lo < 2:
+                continue
+            for t in range(len(tables)):
+                if tables[t, 0] != lead:
+                    continue
+                before = found
+                found = _pairs_in_table(grouped[lo:hi], tables[t], masks, radius, keys, bins, order, counts,
+                                        out_a, out_b, before)
+                while found < 0:  # out of room: grow and search this table again
+                    out_a = np.concatenate((out_a, np.empty(len(out_a), np.int64)))
+                    out_b = np.concatenate((out_b, np.empty(len(out_b), np.int64)))
+                    found = _pairs_in_table(grouped[lo:hi], tables[t], masks, radius, keys, bins, order, counts,
+                                            out_a, out_b, before)
+                for f in range(before, found):  # positions in the group to indices into hashes
+                    out_a[f] = members[lo + out_a[f]]
+                    out_b[f] = members[lo + out_b[f]]
+    return out_a[:found], out_b[:found]
+
+
+@numba.njit(cache=True)
+def collapse_identical(hashes):
+    """(distinct, of): the distinct hashes in first-seen order, and each hash's index among them (an
+    open-addressing table: linear time, where sorting to find them costs n log n)."""
+    n = len(hashes)
+    bits = _bit_length(2 * n)
+    slots = np.full(1 << bits, -1, np.int64)
+    distinct = np.empty(n, np.uint64)
+    of = np.empty(n, np.int64)
+    count = 0
+    for x in range(n):
+        s = _bin(hashes[x], bits)
+        while True:
+            seen = slots[s]
+            if seen < 0:
+                slots[s] = count
+                distinct[count] = hashes[x]
+                of[x] = count
+                count += 1
+                break
+            if distinct[seen] == hashes[x]:
+                of[x] = seen
+                break
+            s = (s + 1) & ((1 << bits) - 1)
+    return distinct[:count], of
+
+
+def close_pairs(hashes: np.ndarray, leads: np.ndarray, radius: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (a < b) of hashes within the radius, each once. `leads` holds each hash's bit mask
+    of the lead blocks it is searched under here (a dedup bucket holds each hash under the blocks that
+    route it there; all k + 1 bits for a search of everything): a pair is found where its first
+    agreeing block leads."""
+    masks, rows = tables(radius, r)
+    return _close_pairs(np.ascontiguousarray(hashes, np.uint64), np.ascontiguousarray(leads, np.uint32),
+                        masks, rows, radius)
 
 
 def near_duplicate_pairs(hashes: np.ndarray, k: int, r: int | None = None
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, distance) for every pair i < j with Hamming distance <= k."""
+    """(i, j, distance) for every pair i < j with Hamming distance <= k, in memory."""
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
-    n = len(hashes)
-    if r is None:
-        r = 2 if n <= 1_500_000 else 3
-    r = min(r, k + 1) if k else 1
-    found_i, found_j = [], []
-    for chosen in combinations(blocks(k + r), r):
-        i, j = pairs_sharing_blocks(hashes, chosen)
-        if len(i):
-            close = np.bitwise_count(hashes[i] ^ hashes[j]) <= k
-            found_i.append(i[close])
-            found_j.append(j[close])
-    if not found_i:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, np.zeros(0, np.int32)
-    i = np.concatenate(found_i)
-    j = np.concatenate(found_j)
-    lo, hi = np.minimum(i, j), np.maximum(i, j)
-    pairs = np.unique(np.stack([lo, hi], axis=1), axis=0) if len(lo) else np.zeros((0, 2), np.int64)
-    lo, hi = pairs[:, 0], pairs[:, 1]
-    return lo, hi, np.bitwise_count(hashes[lo] ^ hashes[hi]).astype(np.int32)
+    r = min(r, k + 1) if r and k else band_r(len(hashes), k)
+    i, j = close_pairs(hashes, np.full(len(hashes), (1 << (k + 1)) - 1, np.uint32), k, r)
+    order = np.lexsort((j, i))
+    i, j = i[order], j[order]
+    return i, j, np.bitwise_count(hashes[i] ^ hashes[j]).astype(np.int32)
 
 
 def brute_force_pairs(hashes: np.ndarray, k: int) -> set[tuple[int, int]]:

@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import REPO, wit
 from pipelines.sampling import keep_mask
 from pipelines.miniweb import MiniWeb
-from pipelines.neardup import brute_force_pairs, near_duplicate_pairs
+from pipelines.neardup import blocks, brute_force_pairs, close_pairs, near_duplicate_pairs
 from pipelines.phash import flatten_on_white, has_alpha, phash_bytes
 from wit_builder.tar import safe_key
 from test_download import ARCHIVE, archive_images, make_run
@@ -61,6 +61,30 @@ def test_near_duplicate_search_equals_brute_force(k, r):
     i, j, d = near_duplicate_pairs(hashes, k, r=r)
     assert set(zip(i.tolist(), j.tolist())) == brute_force_pairs(hashes, k)
     assert (d <= k).all() and len(i) >= 1
+    assert len(set(zip(i.tolist(), j.tolist()))) == len(i)  # each pair once
+
+
+@pytest.mark.parametrize("r", [2, 3])
+def test_close_pairs_split_by_lead_block_find_each_pair_once(r):
+    """As dedup's buckets split the search: each hash searched under some of its lead blocks in one
+    place and the rest in another finds every close pair exactly once over both. Dense clusters (a few
+    bases, each with many copies a few bits away) make pairs agree on many blocks at once."""
+    k = 4
+    rng = np.random.default_rng(r)
+    bases = rng.integers(0, 2**64 - 1, 40, dtype=np.uint64)
+    hashes = bases[rng.integers(0, 40, 2000)].copy()
+    for row in range(len(hashes)):
+        for bit in rng.choice(64, rng.integers(0, 4), replace=False):
+            hashes[row] ^= np.uint64(1) << np.uint64(bit)
+    everything = (1 << (k + 1)) - 1
+    # Lead block i goes here when its value is odd (a bucket by key): hashes sharing it go together.
+    here = sum(((hashes >> np.uint64(shift)) & np.uint64(1)).astype(np.uint32) << np.uint32(i)
+               for i, (shift, _) in enumerate(blocks(k + r)[: k + 1]))
+    found = [tuple(p) for leads in (here, everything - here)
+             for p in zip(*(x.tolist() for x in close_pairs(hashes, leads, k, r)))]
+    assert len(found) == len(set(found))
+    assert set(found) == brute_force_pairs(hashes, k)
+    assert len(found) > 10_000
 
 
 def synthetic(n_rows, rng):
