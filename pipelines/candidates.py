@@ -35,7 +35,7 @@ from wit_builder.workspace import Run, file_identity, read_table, write_parquet
 from .urls import normalise_url
 
 log = logging.getLogger("wit")
-VERSION = 2
+VERSION = 3
 
 CANDIDATES_SCHEMA = pa.schema([
     ("uid", pa.string()), ("url", pa.string()), ("text", pa.string()), ("page_url", pa.string()),
@@ -114,13 +114,16 @@ def largest_srcset(srcset: str) -> str:
     return best
 
 
-def html_images(collector: Collector, body: bytes, page_url: str, origin: str) -> int:
+def html_images(collector: Collector, body: bytes, page_url: str, origin: str, charset: str | None = None) -> int:
     """Every <img> with a text (alt, else title) and a usable URL (src, else data-src, else the
-    largest srcset entry), resolved against <base href> or the page URL."""
-    from resiliparse.parse.encoding import detect_encoding
+    largest srcset entry), resolved against <base href> or the page URL. Decoded as browsers do: by
+    the HTTP header's charset, else the page's <meta charset>, else a guess from the bytes."""
+    from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
     from resiliparse.parse.html import HTMLTree
 
-    tree = HTMLTree.parse_from_bytes(body, detect_encoding(body))
+    encoding = (map_encoding_to_html5(charset, fallback_utf8=False) if charset else None) or \
+        detect_encoding(body, from_html_meta=True)
+    tree = HTMLTree.parse_from_bytes(body, encoding)
     base = page_url
     base_el = tree.document.query_selector("base[href]")
     if base_el is not None:
@@ -268,7 +271,7 @@ def read_warc(path: str, collector: Collector) -> dict:
                 continue  # cut short: _records rejects it and ends the file
             page_url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")
             pages += 1
-            html_images(collector, body, page_url, origin)
+            html_images(collector, body, page_url, origin, record.http_charset)
         except Exception as e:  # one bad page must not lose the file
             log.warning("%s: bad record at offset %d: %s", path, record.stream_pos, e)
             collector.reject(origin, "bad_record", str(e))

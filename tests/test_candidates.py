@@ -157,3 +157,19 @@ def test_stage_dedups_across_partitions_and_one_text_per_url(tmp_path):
         run_stage(CandidatesStage(), run, LocalExecutor(1))
         dups = pq.read_table(run.stage_dir("candidates") / "duplicates").to_pylist()
         assert [(d["part"], d["row"], d["reason"], d["first_origin"]) for d in dups] == expected
+
+
+@pytest.mark.parametrize("body, charset", [
+    ('<meta charset="utf-8"><img src="a.jpg" alt="A knight’s helmet — steel">'.encode(), None),
+    ('<img src="a.jpg" alt="A knight’s helmet — steel">'.encode(), "utf-8"),
+    ('<img src="a.jpg" alt="Crème brûlée">'.encode("latin-1"), "ISO-8859-1"),
+])
+def test_pages_decode_by_their_declared_charset(body, charset):
+    """As browsers do: the HTTP charset, else <meta charset>; a guess from a few bytes reads UTF-8
+    punctuation as Windows-1252 ("knightâ€™s")."""
+    from pipelines.candidates import Collector, html_images
+
+    c = Collector()
+    html_images(c, b"<html><body>" + body + b"</body></html>", "http://example.com/", "f:0", charset)
+    (text,) = [r[2] for r in c.rows.values()]
+    assert text in ("A knight’s helmet — steel", "Crème brûlée")
