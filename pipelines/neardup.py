@@ -4,9 +4,9 @@ Pigeonhole: cut the 64 bits into m = k + r blocks. Two hashes within Hamming dis
 most k blocks, so at least r blocks agree exactly, and the first of them is among the first k + 1. A
 table is a choice of r blocks (a lead block and r - 1 later ones); two hashes are compared in a table
 only when they agree on its blocks, and a pair is reported only by the first table it agrees on (its
-first r agreeing blocks), so each pair is found once, in exactly one table. r = 2 suits up to about 100 million hashes; beyond,
-r = 3 makes the keys long enough (~27 bits) that random hashes rarely share one, which costs more
-tables but far fewer comparisons (`band_r`).
+first r agreeing blocks), so each pair is found once, in exactly one table. r = 2 suits up to about
+100 million hashes; beyond, r = 3 makes the keys long enough (~27 bits) that random hashes rarely
+share one, which costs more tables but far fewer comparisons (`band_r`).
 
 The search is one compiled pass per lead block: hashes are grouped by their lead block, and within a
 group each table is a counting sort by the table's key into about as many bins as members, then a
@@ -61,7 +61,7 @@ def _popcount(x):
 
 @numba.njit(cache=True, inline="always")
 def _bin(key, bits):
-    """One of 2**bits bins for a key: equal keys share a bin, others spread (murmur3's finaliser)."""
+    """One of 2**bits bins for a key: equal keys share a bin, others spread (a murmur3-style mix)."""
     if bits == 0:
         return 0
     key ^= key >> np.uint64(33)
