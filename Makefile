@@ -71,13 +71,14 @@ $(STAGES): setup
 corpus: setup
 	$(BIN)/wit run $(RECIPE)
 
-## train: train the tiny CLIP model on the run's shards (made first if missing); TRAIN_ARGS adds
+## train: train the tiny CLIP model on the run's shards (made first if missing; ~2.5 CPU minutes on
+## the demo's); TRAIN_ARGS adds
 ## wit train options, e.g. TRAIN_ARGS="--model ViT-B-32 --steps 10000 --batch-size 256"
 TRAIN_ARGS ?=
 train: setup
 	$(BIN)/wit run $(RECIPE)
-	$(BIN)/wit train --data $(RUN_DIR)/shards --output $(RUN_DIR)/train --model wit-tiny --steps 100 \
-		--batch-size 16 --warmup 10 --workers 1 --save-every 50 --log-every 10 $(TRAIN_ARGS)
+	$(BIN)/wit train --data $(RUN_DIR)/shards --output $(RUN_DIR)/train --model wit-tiny --steps 1500 \
+		--batch-size 32 --warmup 50 --workers 1 --save-every 500 --log-every 100 $(TRAIN_ARGS)
 	@echo "Checkpoints and log.csv: $(RUN_DIR)/train"
 
 ## stamps-eval: zero-shot of the run's trained model on the stamps the demo held out: which of the
