@@ -227,7 +227,7 @@ def reporting(path: str, proxy: EgressProxy, decided: dict, total: int, every: f
 
 
 def download_part(matched: str, settings: dict, work: str, outputs: dict, counts: str = "",
-                  cap: float = 0, seed: int = 0, progress: str = "") -> dict:
+                  cap: float = 0, seed: int = 0, progress: str = "", robots_cache: str | None = None) -> dict:
     s = settings
     rows = read_table(matched, columns=["uid", "url", "text", "query_ids"])
     uids, urls = rows.column("uid").to_pylist(), rows.column("url").to_pylist()
@@ -262,7 +262,7 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
         with EgressProxy(policy) as proxy, egress_environment(proxy.url, s["max_pixels"]):
             if s["respect_robots_txt"] and pending.num_rows:
                 refused = robots.disallowed(pending.column("url").to_pylist(), proxy.url, s["user_agent_token"],
-                                            s["deadline_s"])
+                                            s["deadline_s"], cache=robots_cache)
                 for i, why in refused.items():
                     records[pending.column("uid")[i].as_py()] = {"status": "refused", "reason": "robots_txt",
                                                                  "error_message": why, "attempts": 0}
@@ -346,7 +346,7 @@ class DownloadStage(Stage):
                 kwargs={"matched": part["files"]["matched"], "settings": settings,
                         "work": str(out / "_work" / key), "outputs": outputs,
                         "counts": up.outputs["counts"], "cap": cap, "seed": run.recipe.run.seed,
-                        "progress": progress},
+                        "progress": progress, "robots_cache": str(out / "_robots")},
                 outputs=list(outputs.values()), marker=str(run.marker_path(self.name, key)),
                 inputs={"version": VERSION, "upstream": part["fingerprint"], "settings": settings,
                         "replay": replay, "counts": up.fingerprint if cap else None, "cap": cap,

@@ -113,6 +113,32 @@ def test_robots_txt_is_honoured_unless_the_recipe_turns_it_off(tmp_path):
     assert outcomes[True]["down.jpg"] == ("refused", "robots_txt", "robots.txt answered HTTP 503: complete disallow")
     assert outcomes[True]["fine.jpg"][0] == "success"
     assert {name: o[0] for name, o in outcomes[False].items()} == dict.fromkeys(["owl.jpg", "down.jpg", "fine.jpg"], "success")
+    # The fault host's answer is kept for the run's other partitions; the 503 is not.
+    assert len(list((tmp_path / "runs" / "robots-True" / "download" / "_robots").glob("*.json"))) == 1
+
+
+def test_robots_answers_are_kept_for_the_run_and_asked_again_after_a_day(tmp_path):
+    """A second partition reads the kept answers instead of asking the site again; a server error is
+    asked again; a kept answer older than a day (RFC 9309's limit) is fetched afresh."""
+    from pipelines import robots
+    from pipelines.egress import EgressProxy, Policy
+
+    urls = ["http://faults.wit.test/robots-disallowed/owl.jpg", "http://faults.wit.test/ok/fox.jpg",
+            "http://robots-down.wit.test/down.jpg"]
+    cache = tmp_path / "robots"
+    want = {0: "disallowed by robots.txt", 2: "robots.txt answered HTTP 503: complete disallow"}
+    with MiniWeb([ARCHIVE]) as web, EgressProxy(Policy(allow_loopback=True, route=web.address)) as proxy:
+        assert robots.disallowed(urls, proxy.url, "wit-test", 5, cache=str(cache)) == want
+        asked = web.requests
+        assert robots.disallowed(urls, proxy.url, "wit-test", 5, cache=str(cache)) == want
+        assert web.requests == asked + 1  # only the site that failed
+        (entry,) = cache.glob("*.json")
+        kept = json.loads(entry.read_text())
+        kept["fetched"] -= 24 * 3600 + 1
+        entry.write_text(json.dumps(kept))
+        assert robots.disallowed(urls, proxy.url, "wit-test", 5, cache=str(cache)) == want
+        assert web.requests == asked + 3
+        assert json.loads(entry.read_text())["fetched"] > kept["fetched"]
 
 
 @pytest.mark.slow
