@@ -1,4 +1,4 @@
-"""Tux Paint's stamps as a small captioned web: about 800 drawings, each with a one-line English
+"""Tux Paint's stamps as a small captioned web: 785 drawings, each with a one-line English
 description (Debian's `tuxpaint-stamps-default`, GPL), written as a WARC of web pages that the demo
 reads as candidates and replays on the miniature web, so `make demo` downloads real captioned images.
 
@@ -59,7 +59,7 @@ def find_stamps(root: Path = STAMPS) -> list[Stamp]:
             continue
         first = text.read_text(encoding="utf-8", errors="replace").splitlines()[:1]
         description = " ".join(first[0].split()) if first else ""
-        if description and "=" not in description:  # translations are `lang.utf8=...` lines
+        if description:  # the English line comes first, translations (`lang.utf8=...`) after it
             out.append(Stamp(png.relative_to(root), description))
     return out
 
