@@ -100,7 +100,7 @@ def pre_refusal(url: str, opt_out_domains: list[str], opt_out_urls: set[str]) ->
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         return "bad_scheme"
-    if (normalise_url(url)[0] or url) in opt_out_urls:
+    if url in opt_out_urls:  # both normalised: candidate URLs by the candidates stage, these by opt_out_set
         return "opt_out_url"
     host = idna_host(parts.hostname or "") or ""
     # A domain the recipe writes in Unicode (`bücher.example`) matches its IDNA form in the URL.
