@@ -66,7 +66,8 @@ def fetch(site: str, proxy: str, token: str, timeout: float) -> dict:
 def site_rules(site: str, proxy: str, token: str, timeout: float, cache: str | None = None) -> Protego | str | None:
     """One origin's rules; None when there are none (everything allowed), a message when every URL
     is disallowed. With a cache folder, a definite answer younger than a day is read from it."""
-    path = Path(cache) / f"{hashlib.sha256(site.encode()).hexdigest()[:32]}.json" if cache else None
+    name = hashlib.sha256(site.encode()).hexdigest()[:32]
+    path = Path(cache) / name[:2] / f"{name}.json" if cache else None  # 256 folders: web scale has millions of sites
     answer = None
     if path is not None:
         try:

@@ -114,7 +114,7 @@ def test_robots_txt_is_honoured_unless_the_recipe_turns_it_off(tmp_path):
     assert outcomes[True]["fine.jpg"][0] == "success"
     assert {name: o[0] for name, o in outcomes[False].items()} == dict.fromkeys(["owl.jpg", "down.jpg", "fine.jpg"], "success")
     # The fault host's answer is kept for the run's other partitions; the 503 is not.
-    assert len(list((tmp_path / "runs" / "robots-True" / "download" / "_robots").glob("*.json"))) == 1
+    assert len(list((tmp_path / "runs" / "robots-True" / "download" / "_robots").glob("*/*.json"))) == 1
 
 
 def test_robots_answers_are_kept_for_the_run_and_asked_again_after_a_day(tmp_path):
@@ -132,7 +132,7 @@ def test_robots_answers_are_kept_for_the_run_and_asked_again_after_a_day(tmp_pat
         asked = web.requests
         assert robots.disallowed(urls, proxy.url, "wit-test", 5, cache=str(cache)) == want
         assert web.requests == asked + 1  # only the site that failed
-        (entry,) = cache.glob("*.json")
+        (entry,) = cache.glob("*/*.json")
         kept = json.loads(entry.read_text())
         kept["fetched"] -= 24 * 3600 + 1
         entry.write_text(json.dumps(kept))
