@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.download import download_part, egress_environment, output_to  # noqa: E402
-from pipelines.egress import EgressProxy, Policy  # noqa: E402
+from pipelines.download import download_part, egress_environment, egress_policy, output_to  # noqa: E402
+from pipelines.egress import EgressProxy  # noqa: E402
 from pipelines.miniweb import MiniWeb  # noqa: E402
 from wit_builder.ids import uid  # noqa: E402
 from wit_builder.recipe import DownloadSettings  # noqa: E402
@@ -49,9 +49,18 @@ def raw_img2dataset(urls: list[str], out: Path, threads: int) -> float:
     return time.perf_counter() - t
 
 
+def settings(threads: int) -> dict:
+    """The stage's default settings, but for the local server, and a per-host limit at the thread count:
+    every URL here is on one host, so a lower limit would measure the politeness setting (which on a
+    real crawl spreads over many hosts), not the guard; all legs run the same concurrency."""
+    return DownloadSettings(thread_count=threads, per_host_connections=threads, allow_loopback=True,
+                            timeout=10).model_dump(mode="json")
+
+
 def proxied_img2dataset(urls: list[str], out: Path, threads: int) -> float:
-    """Raw img2dataset with every request through the egress proxy, as the stage runs it."""
-    with EgressProxy(Policy(allow_loopback=True)) as proxy, egress_environment(proxy.url, 10**9):
+    """Raw img2dataset with every request through the egress proxy, with the stage's policy."""
+    s = settings(threads)
+    with EgressProxy(egress_policy(s)) as proxy, egress_environment(proxy.url, s["max_pixels"]):
         return raw_img2dataset(urls, out, threads)
 
 
@@ -63,9 +72,8 @@ def stage(urls: list[str], out: Path, threads: int) -> float:
     pq.write_table(pa.table({"uid": [uid(u, t) for u, t in zip(urls, texts)], "url": urls, "text": texts,
                              "query_ids": pa.array([[i % 100] for i in range(len(urls))], pa.list_(pa.int32()))}),
                    matched)
-    settings = DownloadSettings(thread_count=threads, allow_loopback=True, timeout=10).model_dump(mode="json")
     t = time.perf_counter()
-    info = download_part(str(matched), settings, str(out / "work"),
+    info = download_part(str(matched), settings(threads), str(out / "work"),
                          {"status": str(out / "status.parquet"), "images": str(out / "images.parquet"),
                           "log": str(out / "download.log")})
     seconds = time.perf_counter() - t

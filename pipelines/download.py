@@ -132,6 +132,14 @@ def egress_environment(proxy_url: str, max_pixels: int):
                 os.environ[k] = v
 
 
+def egress_policy(s: dict, route: tuple[str, int] | None = None) -> Policy:
+    """The proxy's policy from the recipe's download settings."""
+    return Policy(allow_loopback=s["allow_loopback"],
+                  allow_networks=tuple(ipaddress.ip_network(n, strict=False) for n in s["allow_networks"]),
+                  deadline_s=s["deadline_s"], max_bytes=s["max_bytes"],
+                  per_host_connections=s["per_host_connections"], per_host_rps=s["per_host_rps"], route=route)
+
+
 @contextlib.contextmanager
 def output_to(path: Path):
     """Send this process's stdout and stderr (file descriptors, so child processes too) to a file."""
@@ -154,8 +162,10 @@ def output_to(path: Path):
             os.close(saved[1])
 
 
-def run_img2dataset(rows: pa.Table, folder: Path, s: dict):
-    """One img2dataset pass over (uid, url, text) rows; yields its output shards, one at a time."""
+def run_img2dataset(rows: pa.Table, folder: Path, s: dict, on_shard) -> list[Path]:
+    """One img2dataset pass over (uid, url, text) rows; returns its output shards. `on_shard(path)` is
+    called with each shard as soon as img2dataset has closed it (it writes the shard's stats file
+    after), so work on one shard overlaps the download of the next."""
     import img2dataset
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,25 +173,93 @@ def run_img2dataset(rows: pa.Table, folder: Path, s: dict):
     if not source.exists():
         write_parquet(rows.select(["uid", "url", "text"]).rename_columns(["uid", "url", "caption"]), source)
     out = folder / "out"
-    with output_to(folder / "img2dataset.log"):  # it prints; the outcomes are in its parquet
-        img2dataset.download(
-            url_list=str(source), input_format="parquet", url_col="url", caption_col="caption",
-            save_additional_columns=["uid"], output_format="parquet", output_folder=str(out),
-            processes_count=1, thread_count=s["thread_count"], timeout=s["timeout"],
-            retries=s["retries"], image_size=s["image_size"], resize_mode=s["resize_mode"],
-            resize_only_if_bigger=s["resize_only_if_bigger"], min_image_size=s["min_image_size"],
-            max_image_area=s["max_image_area"], max_aspect_ratio=s["max_aspect_ratio"],
-            encode_format=s["encode_format"], encode_quality=s["encode_quality"],
-            user_agent_token=s["user_agent_token"],
-            disallowed_header_directives=s["disallowed_header_directives"],
-            number_sample_per_shard=s["samples_per_shard"], incremental_mode="incremental",
-            compute_hash="sha256", extract_exif=False, enable_wandb=False,
-        )
+    seen: set[str] = set()
+
+    def look() -> None:
+        for stats in sorted(out.glob("*_stats.json")):
+            if stats.name not in seen:
+                on_shard(out / stats.name.replace("_stats.json", ".parquet"))
+                seen.add(stats.name)
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            look()
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with output_to(folder / "img2dataset.log"):  # it prints; the outcomes are in its parquet
+            img2dataset.download(
+                url_list=str(source), input_format="parquet", url_col="url", caption_col="caption",
+                save_additional_columns=["uid"], output_format="parquet", output_folder=str(out),
+                processes_count=1, thread_count=s["thread_count"], timeout=s["timeout"],
+                retries=s["retries"], image_size=s["image_size"], resize_mode=s["resize_mode"],
+                resize_only_if_bigger=s["resize_only_if_bigger"], min_image_size=s["min_image_size"],
+                max_image_area=s["max_image_area"], max_aspect_ratio=s["max_aspect_ratio"],
+                encode_format=s["encode_format"], encode_quality=s["encode_quality"],
+                user_agent_token=s["user_agent_token"],
+                disallowed_header_directives=s["disallowed_header_directives"],
+                number_sample_per_shard=s["samples_per_shard"], incremental_mode="incremental",
+                compute_hash="sha256", extract_exif=False, enable_wandb=False,
+            )
+    finally:
+        done.set()
+        watcher.join()
+    look()
     shards = sorted(out.glob("*.parquet"))
     expected = -(-rows.num_rows // s["samples_per_shard"])
     if len(shards) != expected:  # img2dataset does not raise when a shard fails
         raise RuntimeError(f"img2dataset wrote {len(shards)} of {expected} shards in {out}")
-    return (read_table(p) for p in shards)
+    return shards
+
+
+def shard_hashes(path: str, column: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pHashes, decodes) of rows [start, stop) of one img2dataset shard's images; failed samples
+    have no image and do not decode."""
+    t = read_table(path, columns=["status", column]).slice(start, stop - start)
+    return phash_bytes([b if st == "success" and b else b"" for st, b in
+                        zip(t.column("status").to_pylist(), t.column(column).to_pylist())])
+
+
+class ShardHashing:
+    """pHashes of img2dataset's shards, computed in processes of their own while img2dataset
+    downloads the next shard: Pillow's decoding holds the GIL, which the proxy's threads need, and a
+    partition's last shard, which nothing overlaps, is split across all the processes."""
+
+    processes = 2
+    _pool = None  # kept for the life of this process: starting one costs about a second
+
+    def __init__(self, encode_format: str):
+        self.column = encode_format
+        self.pending: dict[Path, list] = {}
+
+    @classmethod
+    def pool(cls):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if cls._pool is None:
+            cls._pool = ProcessPoolExecutor(cls.processes, multiprocessing.get_context("spawn"),
+                                            initializer=phash_bytes, initargs=([b""],))  # its lazy imports
+        return cls._pool
+
+    def submit(self, shard: Path) -> None:
+        import pyarrow.parquet as pq
+
+        cuts = np.linspace(0, pq.read_metadata(shard).num_rows, self.processes + 1).astype(int)
+        self.pending[shard] = [self.pool().submit(shard_hashes, str(shard), self.column, a, b)
+                               for a, b in zip(cuts[:-1], cuts[1:])]
+
+    def result(self, shard: Path) -> tuple[np.ndarray, np.ndarray]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            parts = [f.result() for f in self.pending.pop(shard)]
+        except BrokenProcessPool:  # a process died (killed, out of memory): a new pool next time
+            type(self)._pool = None
+            raise
+        return np.concatenate([h for h, _ in parts]), np.concatenate([ok for _, ok in parts])
 
 
 def pre_cap(rows: pa.Table, counts: str, cap: float, seed: int) -> np.ndarray:
@@ -253,13 +331,10 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
     # however big the partition. Rows within a shard are put in input order: img2dataset writes
     # them in the order its threads finish.
     position = {u: i for i, u in enumerate(uids)}
+    hashing = ShardHashing(s["encode_format"])
     with web as mini, parquet_writer(outputs["images"], IMAGES_SCHEMA) as images:
-        policy = Policy(allow_loopback=s["allow_loopback"],
-                        allow_networks=tuple(ipaddress.ip_network(n, strict=False) for n in s["allow_networks"]),
-                        deadline_s=s["deadline_s"],
-                        max_bytes=s["max_bytes"], per_host_connections=s["per_host_connections"],
-                        per_host_rps=s["per_host_rps"], route=mini.address if mini else None)
-        with EgressProxy(policy) as proxy, egress_environment(proxy.url, s["max_pixels"]):
+        with EgressProxy(egress_policy(s, mini.address if mini else None)) as proxy, \
+                egress_environment(proxy.url, s["max_pixels"]):
             if s["respect_robots_txt"] and pending.num_rows:
                 refused = robots.disallowed(pending.column("url").to_pylist(), proxy.url, s["user_agent_token"],
                                             s["deadline_s"], cache=robots_cache)
@@ -275,7 +350,10 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
                         time.sleep(s["retry_delay_s"])
                     folder = Path(work) / f"pass-{attempt}"
                     resumed += len(list((folder / "out").glob("*_stats.json")))  # shards a killed run finished
-                    for shard in run_img2dataset(pending, folder, s):
+                    for path in run_img2dataset(pending, folder, s, hashing.submit):
+                        hashes, ok = hashing.result(path)
+                        shard = read_table(path).append_column("phash", pa.array(hashes)) \
+                                                .append_column("decodes", pa.array(ok))
                         shard = shard.take(pa.array(np.argsort([position[u] for u in shard.column("uid").to_pylist()],
                                                                 kind="stable")))
                         keep_image(shard, attempt, s["encode_format"], records, images)
@@ -298,20 +376,18 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
 
 
 def keep_image(shard: pa.Table, attempt: int, encode_format: str, records: dict, images) -> None:
-    """Record the outcome of every sample of one img2dataset shard, and write its good images (with
-    their pHash: a successful image is one that decodes) to the images file."""
-    rows = shard.to_pylist()
-    blobs = [r.get(encode_format) if r["status"] == "success" else None for r in rows]
-    hashes, ok = phash_bytes([b or b"" for b in blobs])
+    """Record the outcome of every sample of one img2dataset shard, with its pHash, and write its good
+    images to the images file (a successful image is one that decodes)."""
     kept = []
-    for r, image, phash, good in zip(rows, blobs, hashes, ok):
+    for r in shard.to_pylist():
+        image = r.get(encode_format) if r["status"] == "success" else None
         status, reason, http_status = classify(r["status"], r["error_message"])
-        if status == "success" and not (image and good):
+        if status == "success" and not (image and r["decodes"]):
             status, reason = "failed", "undecodable"
         rec = {"status": status, "reason": reason, "http_status": http_status,
                "error_message": r["error_message"], "attempts": attempt}
         if status == "success":
-            rec.update(width=r["width"], height=r["height"], sha256=r["sha256"], phash=int(phash),
+            rec.update(width=r["width"], height=r["height"], sha256=r["sha256"], phash=r["phash"],
                        original_width=r["original_width"], original_height=r["original_height"],
                        bytes=len(image))
             kept.append((r["uid"], r["sha256"], image))

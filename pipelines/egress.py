@@ -29,19 +29,24 @@ routed).
 
 from __future__ import annotations
 
-import http.client
+import contextlib
+import functools
 import ipaddress
 import queue
 import select
 import socket
+import socketserver
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+import httptools
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
               "te", "trailer", "transfer-encoding", "upgrade"}
+# A relayed body keeps its framing, so its Transfer-Encoding goes with it.
+RESPONSE_HOP_BY_HOP = HOP_BY_HOP - {"transfer-encoding"}
 
 
 METADATA_ADDRESSES = frozenset(map(ipaddress.ip_address, ("169.254.169.254", "fd00:ec2::254")))
@@ -78,8 +83,10 @@ def listed(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, networks) -> boo
     return False
 
 
+@functools.lru_cache(maxsize=65536)
 def address_problem(ip: str, allow_loopback: bool, allow_networks=()) -> str | None:
-    """Why an address may not be fetched, or None."""
+    """Why an address may not be fetched, or None (remembered: a crawl asks about the same addresses
+    again and again)."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
@@ -154,7 +161,9 @@ class HostGate:
 
     def enter(self, host: str, deadline: float) -> threading.BoundedSemaphore:
         with self.lock:
-            sem = self.slots.setdefault(host, threading.BoundedSemaphore(self.policy.per_host_connections))
+            sem = self.slots.get(host)
+            if sem is None:
+                sem = self.slots[host] = threading.BoundedSemaphore(self.policy.per_host_connections)
         if not sem.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise Refused("host_busy")
         with self.lock:
@@ -178,36 +187,72 @@ class HostGate:
             self.next_start[host] = max(self.next_start.get(host, 0.0), time.monotonic() + delay)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "wit-egress"
-    protocol_version = "HTTP/1.0"
+class _Head:
+    """One HTTP request or response head, as httptools (llhttp, in C) parses it."""
 
-    def log_message(self, *args) -> None:  # quiet: outcomes are recorded per sample
-        pass
-
-    def _refuse(self, reason: str) -> None:
-        self.server.stats[reason] = self.server.stats.get(reason, 0) + 1
-        self.server.answered(reason)
-        body = f"refused by wit egress policy: {reason}\n".encode()
+    def __init__(self, data: bytes, response: bool):
+        self.target, self.reason, self.headers = b"", b"", []
+        parser = (httptools.HttpResponseParser if response else httptools.HttpRequestParser)(self)
         try:
-            self.send_response(403, f"wit-refused {reason}")
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except OSError:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # CONNECT: what follows is the tunnel's
             pass
+        self.version = parser.get_http_version() or "1.0"
+        self.status = parser.get_status_code() if response else 0
+        self.method = b"" if response else parser.get_method()
 
-    def do_GET(self) -> None:
-        self._forward()
+    def on_url(self, url: bytes) -> None:
+        self.target += url
 
-    def do_HEAD(self) -> None:
-        self._forward()
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
 
-    def _forward(self) -> None:
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def get(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+def read_head(sock: socket.socket, deadline: float, limit: int = 65536) -> tuple[bytes, bytes]:
+    """An HTTP head up to its blank line, and the bytes already received after it."""
+    data = b""
+    while (end := data.find(b"\r\n\r\n")) < 0:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline")
+        if len(data) > limit:
+            raise ConnectionError(f"head over {limit} bytes")
+        sock.settimeout(remaining)
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before the end of the head")
+        data += chunk
+    return data[:end + 4], data[end + 4:]
+
+
+def head_bytes(first_line: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = [first_line, *(f"{k}: {v}" for k, v in headers), "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+class _Connection(socketserver.BaseRequestHandler):
+    """One client connection, one request: the answer closes it. Bodies are relayed as they come
+    (chunked ones too, with their Transfer-Encoding), so only the heads are parsed."""
+
+    def handle(self) -> None:
         policy: Policy = self.server.policy
         deadline = time.monotonic() + policy.deadline_s
-        parts = urlsplit(self.path)
+        try:
+            head, self.early = read_head(self.request, deadline)
+            request = _Head(head, response=False)
+        except (OSError, httptools.HttpParserError):
+            return
+        if request.method == b"CONNECT":
+            return self._tunnel(request.target.decode("latin-1"), deadline, policy)
+        if request.method not in (b"GET", b"HEAD"):
+            return self._answer(501, "Unsupported method", "method_not_allowed")
+        parts = urlsplit(request.target.decode("latin-1"))
         if parts.scheme != "http" or not parts.hostname:
             return self._refuse("bad_scheme")
         host, port = parts.hostname, parts.port or 80
@@ -217,71 +262,75 @@ class _Handler(BaseHTTPRequestHandler):
         except Refused as e:
             return self._refuse(e.reason)
         try:
-            self._fetch(host, ip, port, parts, deadline, policy)
+            self._forward(request, parts, host, ip, port, deadline, policy)
         finally:
             gate.release()
 
-    def _fetch(self, host, ip, port, parts, deadline, policy) -> None:
+    def _answer(self, status: int, reason: str, why: str) -> None:
+        body = f"refused by wit egress policy: {why}\n".encode()
+        headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+        with contextlib.suppress(OSError):
+            self.request.sendall(head_bytes(f"HTTP/1.0 {status} {reason}", headers) + body)
+
+    def _refuse(self, reason: str) -> None:
+        self.server.stats[reason] = self.server.stats.get(reason, 0) + 1
+        self.server.answered(reason)
+        self._answer(403, f"wit-refused {reason}", reason)
+
+    def _forward(self, request: _Head, parts, host, ip, port, deadline, policy) -> None:
         try:
-            sock = socket.create_connection((ip, port), timeout=max(0.1, deadline - time.monotonic()))
+            upstream = socket.create_connection((ip, port), timeout=max(0.1, deadline - time.monotonic()))
         except OSError:
             return self._refuse("connect_failed")
-        conn = http.client.HTTPConnection(host, port)
-        conn.sock = sock
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-        headers["Host"] = parts.netloc
-        headers["Connection"] = "close"
-        try:
-            conn.request(self.command, path, headers=headers)
-            sock.settimeout(max(0.1, deadline - time.monotonic()))
-            resp = conn.getresponse()
-        except (OSError, http.client.HTTPException):
-            conn.close()
-            return self._refuse("upstream_error" if time.monotonic() < deadline else "deadline")
-        try:
-            if 300 <= resp.status < 400 and _bad_redirect(resp.getheader("Location")):
+        with upstream:
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            headers = [("Host", parts.netloc), *((k, v) for k, v in request.headers
+                                                  if k.lower() not in HOP_BY_HOP and k.lower() != "host")]
+            version = "HTTP/1.0" if request.version == "1.0" else "HTTP/1.1"
+            try:
+                upstream.sendall(head_bytes(f"{request.method.decode()} {path} {version}", headers))
+                head, body = read_head(upstream, deadline)
+                response = _Head(head, response=True)
+            except TimeoutError:
+                return self._refuse("deadline")
+            except (OSError, httptools.HttpParserError):
+                return self._refuse("upstream_error" if time.monotonic() < deadline else "deadline")
+            status = response.status
+            if 300 <= status < 400 and _bad_redirect(response.get("location")):
                 return self._refuse("bad_scheme")
-            if resp.status in (429, 503):
-                self.server.gate.back_off(host, resp.getheader("Retry-After"))
-            length = resp.getheader("Content-Length")
-            if length and length.isdigit() and int(length) > policy.max_bytes:
+            if status in (429, 503):
+                self.server.gate.back_off(host, response.get("retry-after"))
+            length = response.get("content-length")
+            if length and length.strip().isdigit() and int(length) > policy.max_bytes:
                 return self._refuse("too_large")
-            if not 300 <= resp.status < 400:  # a redirect is not an answer yet: the next hop is
-                self.server.answered("ok" if resp.status < 300 else f"http_{resp.status}")
-            self.send_response_only(resp.status, resp.reason)
-            for k, v in resp.getheaders():
-                if k.lower() not in HOP_BY_HOP:
-                    self.send_header(k, v)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            sent = 0
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.server.stats["deadline"] = self.server.stats.get("deadline", 0) + 1
-                    break  # the client sees a short body and fails the sample
-                sock.settimeout(remaining)
-                chunk = resp.read1(65536)
-                if not chunk:
-                    break
-                sent += len(chunk)
-                if sent > policy.max_bytes:
-                    self.server.stats["too_large"] = self.server.stats.get("too_large", 0) + 1
-                    break
-                self.wfile.write(chunk)
-        except (OSError, http.client.HTTPException):
-            pass
-        finally:
-            conn.close()
-            self.close_connection = True
+            if not 300 <= status < 400:  # a redirect is not an answer yet: the next hop is
+                self.server.answered("ok" if status < 300 else f"http_{status}")
+            kept = [(k, v) for k, v in response.headers if k.lower() not in RESPONSE_HOP_BY_HOP]
+            first = f"HTTP/{response.version} {status} {response.reason.decode('latin-1')}"
+            with contextlib.suppress(OSError):
+                self._relay_body(upstream, head_bytes(first, kept), body, deadline, policy.max_bytes)
 
-    def do_CONNECT(self) -> None:
-        policy: Policy = self.server.policy
-        deadline = time.monotonic() + policy.deadline_s
-        host, _, port = self.path.rpartition(":")
+    def _relay_body(self, upstream, head: bytes, data: bytes, deadline: float, max_bytes: int) -> None:
+        """The response head and then its body as received (its first bytes in the head's packet),
+        until the server closes, the deadline or the byte cap."""
+        sent = len(data)
+        self.request.sendall(head + data if sent <= max_bytes else head)
+        while sent <= max_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.server.stats["deadline"] = self.server.stats.get("deadline", 0) + 1
+                return  # the client sees a short body and fails the sample
+            upstream.settimeout(remaining)
+            data = upstream.recv(65536)
+            if not data:
+                return
+            sent += len(data)
+            if sent <= max_bytes:
+                self.request.sendall(data)
+        self.server.stats["too_large"] = self.server.stats.get("too_large", 0) + 1
+
+    def _tunnel(self, target: str, deadline: float, policy: Policy) -> None:
+        host, _, port = target.rpartition(":")
         host = host.strip("[]")
         try:
             if not port.isdigit() or int(port) != 443:
@@ -298,14 +347,16 @@ class _Handler(BaseHTTPRequestHandler):
             gate.release()
             return self._refuse("connect_failed")
         try:
-            self.send_response(200, "Connection established")
-            self.end_headers()
+            self.request.sendall(b"HTTP/1.0 200 Connection established\r\n\r\n")
             self.server.answered("https")  # what comes back through the tunnel is not ours to read
-            self._relay(self.connection, upstream, deadline, policy.max_bytes)
+            if self.early:
+                upstream.sendall(self.early)
+            self._relay(self.request, upstream, deadline, policy.max_bytes)
+        except OSError:
+            pass
         finally:
             upstream.close()
             gate.release()
-            self.close_connection = True
 
     @staticmethod
     def _relay(client, upstream, deadline, max_bytes) -> None:
@@ -323,12 +374,14 @@ class _Handler(BaseHTTPRequestHandler):
                 (upstream if src is client else client).sendall(data)
 
 
-class _PooledServer(ThreadingHTTPServer):
+class _PooledServer(socketserver.ThreadingTCPServer):
     """Each connection on a pool of reused threads: starting a thread per connection cost about a
     quarter of the proxy's CPU (bench/download.py at 64 threads). The pool grows while every thread is
     busy, up to `threads`; beyond, connections wait their turn (a handler's deadline starts when it
     runs). Daemon threads, as ThreadingHTTPServer's: a handler still waiting out its deadline on a
     server that never answers must not hold up the process's exit (concurrent.futures' threads would)."""
+
+    daemon_threads = True
 
     def __init__(self, address, handler, threads: int = 256):
         super().__init__(address, handler)
@@ -356,7 +409,7 @@ class EgressProxy:
     """A running proxy on 127.0.0.1; use as a context manager."""
 
     def __init__(self, policy: Policy):
-        self.server = _PooledServer(("127.0.0.1", 0), _Handler)
+        self.server = _PooledServer(("127.0.0.1", 0), _Connection)
         self.server.policy = policy
         self.server.gate = HostGate(policy)
         self.server.stats = {}
@@ -368,7 +421,8 @@ class EgressProxy:
                 self.answers[outcome] = self.answers.get(outcome, 0) + 1
 
         self.server.answered = answered
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # shutdown() waits for the serving loop's next poll: a short one, as a partition's end waits on it.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def url(self) -> str:

@@ -163,7 +163,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._fault(path, web)
             if host == ROBOTS_DOWN_HOST:  # robots.txt fails with 503: the whole site is off limits
                 if path == "/robots.txt":
-                    return self._send(503, [("Content-Type", "text/plain")], b"try later\n")
+                    # Retry-After: 1, so that the proxy's backoff (5 s without one) does not outlast
+                    # a client's timeout when a test asks again.
+                    return self._send(503, [("Content-Type", "text/plain"), ("Retry-After", "1")], b"try later\n")
                 return self._send(200, [("Content-Type", "image/jpeg")], web.sample_image)
             capture = web.captures.get((host, path))
             if capture is None:
@@ -255,7 +257,7 @@ class MiniWeb:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.web = self
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def address(self) -> tuple[str, int]:

@@ -197,3 +197,37 @@ def test_a_server_on_a_private_network_is_reached_only_when_listed(tmp_path):
         with EgressProxy(Policy(allow_networks=(network,))) as proxy:
             assert fetch(proxy, url) == (200, b"\xff\xd8\xff\xe0 a picture")
         server.shutdown()
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """Answers the proxy relays as they come: a chunked body, and a head no HTTP parser accepts."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path == "/chunked.jpg":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for piece in (b"\xff\xd8\xff\xe0", b" in ", b"three chunks"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 9\r\n\r\nhello")
+        self.close_connection = True
+
+
+@pytest.mark.parametrize("path, answer", [
+    ("/chunked.jpg", (200, b"\xff\xd8\xff\xe0 in three chunks")),  # framing relayed with the body
+    ("/conflicting-lengths.jpg", "403 wit-refused upstream_error"),  # a smuggling-shaped head
+])
+def test_bodies_are_relayed_as_framed_and_malformed_heads_refused(path, answer):
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        with EgressProxy(Policy(allow_loopback=True)) as proxy:
+            assert fetch(proxy, f"http://127.0.0.1:{server.server_address[1]}{path}") == answer
+        server.shutdown()
