@@ -1,7 +1,8 @@
 """Training data loading on one core: samples/s from 256-px JPEG shards to model-ready batches
 (decode, random square crop to 224 px, tokenise), wit's loader against open_clip_train's per-sample
 path (PIL decode, RandomResizedCrop + ToTensor + Normalize, one tokenizer call a sample), same shards,
-same run.
+same run. Then the same loader streaming the same shards from an S3 server on 127.0.0.1 (moto's, in a
+process of its own; skipped without moto) against reading them from local disk.
 
     .venv/bin/python bench/train_data.py [--samples 4000] [--size 224] [--stored 256] [--smoke]
 
@@ -93,9 +94,38 @@ def main() -> None:
         print(f"{args.samples} samples, {args.stored}-px JPEGs -> {args.size} px, batch {args.batch}, one core")
         ours = rate(wit_loader(urls, tokenizer, args.size, args.batch), args.samples, args.batch)
         theirs = rate(open_clip_loader(urls, tokenizer, args.size, args.batch), args.samples, args.batch)
+        remote = from_store(urls, tokenizer, args.size, args.batch, args.samples)
     print(f"wit loader           {ours:8.0f} samples/s per core")
     print(f"open_clip per-sample {theirs:8.0f} samples/s per core")
     print(f"ratio: {ours / theirs:.2f}x open_clip's per-sample path   (goal: >= 1,500 samples/s per core)")
+    if remote:
+        local, s3 = remote
+        print(f"wit loader, local disk {local:6.0f} samples/s; from S3 (local server) {s3:6.0f} samples/s")
+        print(f"ratio: {s3 / local:.2f}x local disk's rate from S3   (goal: >= 0.8x)")
+
+
+def from_store(urls: list[str], tokenizer, size: int, batch: int, samples: int) -> tuple[float, float] | None:
+    """(local, S3) samples/s of wit's loader on the same shards, measured alternately, best of two."""
+    import importlib.util
+
+    if importlib.util.find_spec("moto") is None:
+        print("moto is not installed: no S3 leg")
+        return None
+    import fsspec
+
+    from wit_builder.storage import LocalS3
+
+    with LocalS3() as s3:
+        bucket = s3.bucket("bench")
+        remote = []
+        for u in urls:
+            remote.append(f"{bucket}/{Path(u).name}")
+            fsspec.filesystem("s3").put_file(u, remote[-1])
+        local, there = [], []
+        for _ in range(2):
+            local.append(rate(wit_loader(urls, tokenizer, size, batch), samples, batch))
+            there.append(rate(wit_loader(remote, tokenizer, size, batch), samples, batch))
+    return max(local), max(there)
 
 
 if __name__ == "__main__":

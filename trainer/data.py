@@ -36,6 +36,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from wit_builder import storage
 from wit_builder.errors import WitError
 
 log = logging.getLogger("wit.train")
@@ -58,7 +59,16 @@ class Source:
 
 
 def expand(spec: str) -> list[str]:
-    """A brace pattern, glob, directory of .tar files or URL, as a sorted list of shard URLs."""
+    """A brace pattern, glob, directory of .tar files or URL, as a sorted list of shard URLs. In an
+    object store (s3://...) a glob or a prefix is listed, and the first shard is looked up, so that a
+    wrong bucket, missing credentials or an unreachable endpoint fail here, naming the URL."""
+    if storage.is_object_url(spec):
+        urls = []
+        for pattern in braceexpand.braceexpand(spec):
+            one = pattern.endswith(".tar") and not any(c in pattern for c in "*?[")
+            urls += [pattern] if one else storage.list_objects(pattern, ".tar")
+        storage.identity(urls[0])
+        return urls
     if re.match(r"^[a-z][a-z0-9+.-]*:", spec) and not Path(spec).exists():
         return list(braceexpand.braceexpand(spec))
     urls = []

@@ -19,6 +19,7 @@ import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from tqdm import tqdm
 
+from wit_builder import storage
 from wit_builder.errors import WitError
 
 from . import data
@@ -29,7 +30,12 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 def read_lines(path: str | Path) -> list[str]:
     try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        if storage.is_object_url(str(path)):
+            with storage.errors_named(str(path)):
+                text = storage.read_bytes(str(path)).decode("utf-8")
+        else:
+            text = Path(path).read_text(encoding="utf-8")
+        lines = [line.strip() for line in text.splitlines()]
     except (OSError, UnicodeDecodeError) as e:
         raise WitError(f"cannot read: {e}", where=str(path)) from e
     lines = [line for line in lines if line]
@@ -141,8 +147,16 @@ def labelled_set(spec: str, image_size: int, batch_size: int, class_key: str = "
     stream = data.ShardStream(sources, None, image_size, batch_size, labels=class_key)
     if names is not None:
         return stream, names
-    beside = Path(sources[0].urls[0]).parent / "classnames.txt"
-    return stream, read_lines(beside) if beside.is_file() else None
+    return stream, classnames_beside(sources[0].urls[0])
+
+
+def classnames_beside(shard: str) -> list[str] | None:
+    """The classnames.txt in the shard's folder (or prefix, in an object store), if there is one."""
+    if storage.is_object_url(shard):
+        url = shard.rsplit("/", 1)[0] + "/classnames.txt"
+        return read_lines(url) if storage.exists(url) else None
+    beside = Path(shard).parent / "classnames.txt"
+    return read_lines(beside) if beside.is_file() else None
 
 
 @torch.no_grad()

@@ -1,0 +1,97 @@
+"""Object storage over real HTTP: a local S3 server (moto's standalone server, in a process of its
+own) and the same s3fs client code users run; nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import pytest
+
+from conftest import needs_fashion, wit
+from trainer import data, fashion
+from wit_builder.errors import WitError
+from wit_builder.storage import LocalS3, forget_clients, identity
+
+pytestmark = needs_fashion
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with LocalS3() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shards(s3, tmp_path_factory):
+    """1,000 Fashion-MNIST training and 1,000 test samples in shards of 250, on disk and in S3."""
+    local = tmp_path_factory.mktemp("fashion")
+    fashion.build(local, per_shard=250, limit=1000)
+    url = s3.bucket("wit-shards") + "/fashion"
+    fsspec.filesystem("s3").put(f"{local}/", url + "/", recursive=True)
+    return local, url
+
+
+def labels(stream: data.ShardStream) -> list[int]:
+    return [int(x) for batch in stream for x in batch["labels"]]
+
+
+def test_shards_in_s3_stream_like_local_ones(shards, monkeypatch):
+    local, url = shards
+    expected = labels(data.ShardStream(data.sources([str(local / "test-*.tar")]), None, 28, 64, labels="cls"))
+    assert len(expected) == 1000
+    for spec in (f"{url}/test-*.tar", f"{url}/test-00000{{0..3}}.tar"):
+        assert data.expand(spec) == [f"{url}/test-00000{i}.tar" for i in range(4)]
+        assert labels(data.ShardStream(data.sources([spec]), None, 28, 64, labels="cls")) == expected
+    assert len(data.expand(url)) == 8  # a prefix: every shard under it, train and test
+    # Two ranks of two loader workers: each reads its own shards from the store, every sample once.
+    seen = []
+    for rank in range(2):
+        for worker in range(2):
+            for k, v in {"RANK": rank, "WORLD_SIZE": 2, "WORKER": worker, "NUM_WORKERS": 2}.items():
+                monkeypatch.setenv(k, str(v))
+            seen += labels(data.ShardStream(data.sources([f"{url}/test-*.tar"]), None, 28, 64, labels="cls"))
+    assert sorted(seen) == sorted(expected)
+
+
+def test_an_objects_identity_is_its_etag_and_size(shards):
+    _, url = shards
+    one, again = identity(f"{url}/test-000000.tar"), identity(f"{url}/test-000000.tar")
+    assert one == again and one["size"] > 0 and len(one["etag"].strip('"')) == 32
+    assert identity(f"{url}/test-000001.tar")["etag"] != one["etag"]
+
+
+@pytest.mark.slow
+def test_train_and_eval_straight_from_s3(shards, tmp_path):
+    _, url = shards
+    out = tmp_path / "run"
+    wit("train", "--data", f"{url}/train-*.tar", "--output", out, "--steps", "6", "--batch-size", "64",
+        "--workers", "2", "--warmup", "2", "--save-every", "6", "--log-every", "1", "--shuffle-buffer", "100")
+    assert (out / "checkpoints" / "step_00000006.pt").exists()
+    proc = wit("eval", "--data", f"{url}/test-*.tar", "--checkpoint", out, "--json")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["images"] == 1000  # classnames.txt read from beside the shards, in the bucket
+
+
+def test_store_problems_are_one_clear_error_naming_the_url(shards, monkeypatch):
+    _, url = shards
+    with pytest.raises(WitError, match=r"^s3://no-such-bucket/x/: not found: no such bucket"):
+        data.expand("s3://no-such-bucket/x/")
+    with pytest.raises(WitError, match=rf"^{url}/nothing-\*\.tar: no \.tar objects here"):
+        data.expand(f"{url}/nothing-*.tar")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    forget_clients()
+    with pytest.raises(WitError, match=rf"^{url}/train-\*\.tar: no credentials: set AWS_ACCESS_KEY_ID"):
+        data.expand(f"{url}/train-*.tar")
+    monkeypatch.undo()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    forget_clients()
+    with pytest.raises(WitError, match=rf"^{url}/train-\*\.tar: cannot reach the store's endpoint"):
+        data.expand(f"{url}/train-*.tar")
+    monkeypatch.undo()
+    forget_clients()
+    assert len(data.expand(f"{url}/train-*.tar")) == 4  # and with the right settings, it reads again

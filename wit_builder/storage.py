@@ -1,0 +1,177 @@
+"""Object storage by URL (s3://, gs://, ... through fsspec): listing, identity, and errors that name
+the URL.
+
+S3 goes through s3fs: the one filesystem that every reader here can take as it is (fsspec for the
+trainer and webdataset, pyarrow through its fsspec handler, DuckDB's `register_filesystem`, and
+img2dataset, which writes through fsspec itself). Credentials, region and endpoint come from the
+standard places botocore reads: `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`,
+`AWS_PROFILE` and `~/.aws/`, instance roles; `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) for an
+S3-compatible store such as MinIO or Ceph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+
+from .errors import WitError
+
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
+LOCAL_SCHEMES = ("file://", "pipe:", "http://", "https://")  # read as they are, not through a store
+
+
+def is_object_url(path: str) -> bool:
+    """Whether `path` names an object in a store (s3://, gs://, ...) rather than a local file."""
+    return bool(URL.match(str(path))) and not str(path).startswith(LOCAL_SCHEMES)
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path within it) for an object-store URL."""
+    import fsspec
+
+    with errors_named(url):
+        return fsspec.core.url_to_fs(url)
+
+
+@contextlib.contextmanager
+def errors_named(url: str):
+    """Turn a store's failure into one WitError that names the URL and says what to check."""
+    try:
+        yield
+    except WitError:
+        raise
+    except FileNotFoundError as e:
+        raise WitError(f"not found: no such bucket or object ({e})", where=url) from None
+    except PermissionError as e:
+        raise WitError(f"access denied: check the credentials and the bucket's policy ({e})", where=url) from None
+    except ImportError as e:
+        raise WitError(f"no filesystem for this URL ({e})", where=url) from None
+    except Exception as e:
+        raise WitError(problem(e), where=url) from None
+
+
+def problem(e: Exception) -> str:
+    """What went wrong with a store, for the user: credentials, the endpoint, or as it was said."""
+    names = {type(x).__name__ for x in _chain(e)}
+    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
+        return ("no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+                f"({type(e).__name__}: {e})")
+    if names & {"EndpointConnectionError", "ClientConnectorError", "ConnectionRefusedError",
+                "ServerDisconnectedError", "ConnectTimeoutError", "ConnectTimeout"}:
+        return f"cannot reach the store's endpoint (AWS_ENDPOINT_URL?): {type(e).__name__}: {e}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _chain(e: BaseException | None):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def list_objects(url: str, suffix: str) -> list[str]:
+    """The objects under a URL that end in `suffix`, as sorted URLs: a glob pattern, a prefix (a
+    "folder"), or one object."""
+    fs, path = filesystem(url)
+    protocol = url.split("://", 1)[0]
+    with errors_named(url):
+        if any(c in path for c in "*?["):
+            found = fs.glob(path)
+        elif fs.isdir(path):
+            found = [p for p in fs.find(path) if p.endswith(suffix)]
+        else:
+            fs.info(path)  # FileNotFoundError names a missing bucket or object here, not later
+            found = [path]
+    if not found:
+        raise WitError(f"no {suffix} objects here", where=url)
+    return sorted(f"{protocol}://{p}" for p in found)
+
+
+def identity(url: str) -> dict:
+    """What an object contributes to a fingerprint: its ETag (a content hash on S3) and size, which
+    a copy of the same object elsewhere, or the same object seen from another machine, shares."""
+    fs, path = filesystem(url)
+    with errors_named(url):
+        info = fs.info(path)
+    return {"url": url, "size": info.get("size"), "etag": str(info.get("ETag") or info.get("etag") or
+                                                               info.get("md5Hash") or info.get("mtime"))}
+
+
+def forget_clients() -> None:
+    """Drop the filesystems fsspec keeps per protocol, so that the next one reads the environment
+    (credentials, endpoint) afresh."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    with errors_named(url):
+        return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with errors_named(url):
+        return fs.cat_file(path)
+
+
+class LocalS3:
+    """A real S3-compatible server on 127.0.0.1 in a process of its own (moto's standalone server,
+    from the `test` extra): for the tests, the benchmarks and trying object storage without an
+    account. As a context manager it points this process's environment (and so its children's) at
+    the server with throwaway credentials, and puts the environment back afterwards."""
+
+    def __init__(self):
+        self.process = None
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> "LocalS3":
+        import socket
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError("the local S3 server did not start (is moto[server] installed?)")
+                time.sleep(0.1)
+        env = {"AWS_ACCESS_KEY_ID": "wit-local", "AWS_SECRET_ACCESS_KEY": "wit-local",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
+        self.saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        forget_clients()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        forget_clients()
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
+
+    def bucket(self, name: str) -> str:
+        """A new, empty bucket; its URL."""
+        fs, _ = filesystem(f"s3://{name}")
+        fs.mkdir(name)
+        return f"s3://{name}"
