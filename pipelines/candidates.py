@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from wit_builder import storage
 from wit_builder.errors import WitError
 from wit_builder.ids import fingerprint, uid
 from wit_builder.runner import (Manifest, Stage, Task, combined_fingerprint, completed, partition_entry,
@@ -166,7 +167,7 @@ def _records(path: str, collector: Collector, record_type) -> Iterator:
 
     name = Path(path).name
     last = 0
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         head = f.read(8)
         f.seek(0)
         if head.startswith(b"filedesc"):
@@ -208,7 +209,7 @@ def _gzip_break(path: str, start: int) -> tuple[int, str] | None:
     stream silently. A file that is one gzip stream, not one member per record, is checked from 0."""
     import zlib
 
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         f.seek(start)
         if f.read(2) != b"\x1f\x8b":
             start = 0
@@ -328,11 +329,12 @@ def plan_input(path: str, kind: str, partition_rows: int) -> list[tuple[int, int
     byte ranges, each owning the lines that start in it, sized from the first megabyte's bytes per
     line; anything else (WARC, WAT, compressed lists) one partition, (0, None)."""
     if kind == "parquet":  # row ranges; a task reads only the row groups its range touches
-        rows = pq.ParquetFile(path).metadata.num_rows
+        with storage.open_input(path) as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
         return [(a, min(a + partition_rows, rows)) for a in range(0, rows, partition_rows)] or [(0, 0)]
     if kind in ("csv", "tsv", "jsonl") and not Path(path).name.lower().endswith((".gz", ".bz2", ".zst")):
-        size = Path(path).stat().st_size
-        with open(path, "rb") as f:
+        size = storage.size(path)
+        with storage.open_input(path) as f:
             head = f.read(1 << 20)
         per_line = len(head) / max(head.count(b"\n"), 1)
         step = max(int(per_line * partition_rows), 1)
@@ -380,26 +382,28 @@ def read_list(path: str, kind: str, start: int, end: int | None,
     Without `rejects`, a bad row raises pa.ArrowInvalid naming its origin."""
     name = Path(path).name
     if kind == "parquet":
-        f = pq.ParquetFile(path)
-        stop = end if end is not None else f.metadata.num_rows
-        tables, first = [], 0
-        for g in range(f.metadata.num_row_groups):
-            n = f.metadata.row_group(g).num_rows
-            if first < stop and first + n > start:
-                t = f.read_row_group(g)
-                tables.append(t.slice(max(start - first, 0), min(stop, first + n) - max(start, first)))
-            first += n
-        table = pa.concat_tables(tables) if tables else f.schema_arrow.empty_table()
+        with storage.open_input(path) as handle:
+            f = pq.ParquetFile(handle)
+            stop = end if end is not None else f.metadata.num_rows
+            tables, first = [], 0
+            for g in range(f.metadata.num_row_groups):
+                n = f.metadata.row_group(g).num_rows
+                if first < stop and first + n > start:
+                    t = f.read_row_group(g)
+                    tables.append(t.slice(max(start - first, 0), min(stop, first + n) - max(start, first)))
+                first += n
+            table = pa.concat_tables(tables) if tables else f.schema_arrow.empty_table()
         return table, [f"{name}:{r}" for r in range(start, start + table.num_rows)]
     delimiter = "\t" if kind == "tsv" else ","
     compressed = name.lower().endswith((".gz", ".bz2", ".zst"))
     if compressed:  # not splittable: one partition, rows numbered
-        with pa.input_stream(path, compression="detect") as stream:
+        codec = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}[Path(name.lower()).suffix]
+        with storage.open_input(path) as f, pa.input_stream(f, compression=codec) as stream:
             data = stream.read()
         header = b"" if kind == "jsonl" else data[: data.find(b"\n") + 1 or len(data)]
         begin, data = len(header), data[len(header):]
     else:
-        with open(path, "rb") as f:
+        with storage.open_input(path) as f:
             header = f.readline() if kind != "jsonl" else b""
             begin, data = _line_range(f, max(start, len(header)), end)
     names = _column_names(header, delimiter)
@@ -759,11 +763,11 @@ class CandidatesStage(Stage):
         out = run.stage_dir(self.name)
         parts, total_bytes = [], 0
         for path in run.recipe.paths(c.inputs, "candidates.inputs"):
-            if not Path(path).is_file():
+            if not storage.is_file(path):
                 raise WitError("input file not found", where=path)
             kind = input_kind(path)
             ranges = plan_input(path, kind, c.partition_rows)
-            size = Path(path).stat().st_size
+            size = storage.size(path)
             total_bytes += size
             for i, (start, end) in enumerate(ranges):
                 key = part_key(path) if len(ranges) == 1 else f"{part_key(path)}-{i:05d}"

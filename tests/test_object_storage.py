@@ -6,14 +6,19 @@ from __future__ import annotations
 import json
 
 import fsspec
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
+import tomli_w
 
-from conftest import needs_fashion, wit
+from conftest import REPO, needs_fashion, wit
 from trainer import data, fashion
 from wit_builder.errors import WitError
 from wit_builder.storage import LocalS3, forget_clients, identity
 
-pytestmark = needs_fashion
+WEB_INPUTS = [REPO / "data/warc" / n for n in ("aut-example-2008.warc.gz", "cc-main-2020-34-sample.warc.gz",
+                                               "cc-main-2024-22-whirlwind.warc.gz",
+                                               "cc-main-2024-22-whirlwind.warc.wat.gz")]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +41,7 @@ def labels(stream: data.ShardStream) -> list[int]:
     return [int(x) for batch in stream for x in batch["labels"]]
 
 
+@needs_fashion
 def test_shards_in_s3_stream_like_local_ones(shards, monkeypatch):
     local, url = shards
     expected = labels(data.ShardStream(data.sources([str(local / "test-*.tar")]), None, 28, 64, labels="cls"))
@@ -54,6 +60,7 @@ def test_shards_in_s3_stream_like_local_ones(shards, monkeypatch):
     assert sorted(seen) == sorted(expected)
 
 
+@needs_fashion
 def test_an_objects_identity_is_its_etag_and_size(shards):
     _, url = shards
     one, again = identity(f"{url}/test-000000.tar"), identity(f"{url}/test-000000.tar")
@@ -62,6 +69,7 @@ def test_an_objects_identity_is_its_etag_and_size(shards):
 
 
 @pytest.mark.slow
+@needs_fashion
 def test_train_and_eval_straight_from_s3(shards, tmp_path):
     _, url = shards
     out = tmp_path / "run"
@@ -73,6 +81,7 @@ def test_train_and_eval_straight_from_s3(shards, tmp_path):
     assert result["images"] == 1000  # classnames.txt read from beside the shards, in the bucket
 
 
+@needs_fashion
 def test_store_problems_are_one_clear_error_naming_the_url(shards, monkeypatch):
     _, url = shards
     with pytest.raises(WitError, match=r"^s3://no-such-bucket/x/: not found: no such bucket"):
@@ -95,3 +104,38 @@ def test_store_problems_are_one_clear_error_naming_the_url(shards, monkeypatch):
     monkeypatch.undo()
     forget_clients()
     assert len(data.expand(f"{url}/train-*.tar")) == 4  # and with the right settings, it reads again
+
+
+def test_candidates_read_from_s3_equal_those_read_from_disk(s3, tmp_path):
+    """WARC, WAT, a CSV split into byte ranges and a parquet list split into row ranges, read
+    straight from the bucket: the same candidates and rejects as from local files, and a second run
+    finds the stage complete by the objects' ETags."""
+    pacsv.write_csv(pacsv.read_csv(REPO / "pipelines/demo/faults.csv"), tmp_path / "faults.csv")
+    pq.write_table(pacsv.read_csv(tmp_path / "faults.csv"), tmp_path / "faults.parquet", row_group_size=4)
+    local = [*map(str, WEB_INPUTS), str(tmp_path / "faults.csv"), str(tmp_path / "faults.parquet")]
+    bucket = s3.bucket("wit-inputs")
+    remote = [f"{bucket}/crawl/{p.rsplit('/', 1)[1]}" for p in local]
+    for a, b in zip(local, remote):
+        fsspec.filesystem("s3").put_file(a, b)
+
+    def run(name: str, inputs: list[str], check: bool = True):
+        recipe = tmp_path / f"{name}.toml"
+        recipe.write_text(tomli_w.dumps({"run": {"name": name, "root": str(tmp_path / "runs"), "workers": 2},
+                                         "candidates": {"inputs": inputs, "partition_rows": 10}}))
+        return wit("run", recipe, "--stage", "candidates", check=check)
+
+    run("local", local)
+    run("s3", [*remote[:4], f"{bucket}/crawl/faults.*"])  # a glob in the bucket too
+    def rows(name: str, folder: str) -> list[dict]:
+        parts = sorted((tmp_path / "runs" / name / folder).glob("part-*.parquet"))
+        return [r for p in parts for r in pq.read_table(p).to_pylist()]
+
+    for folder in ("candidates", "candidates/rejects"):
+        assert rows("s3", folder) == rows("local", folder) and rows("local", folder)
+    assert len(list((tmp_path / "runs/s3/candidates").glob("part-faults.*-0000[0-9].parquet"))) == 6  # in ranges
+    again = run("s3", [*remote[:4], f"{bucket}/crawl/faults.*"])
+    assert "candidates: complete" in again.stdout + again.stderr  # nothing read again
+    for inputs, error in ((["s3://no-such-bucket/crawl.warc.gz"], "s3://no-such-bucket/crawl.warc.gz: object not found"),
+                          ([f"{bucket}/crawl/nothing-*.csv"], f"no file matches '{bucket}/crawl/nothing-*.csv'")):
+        wrong = run("wrong", inputs, check=False)
+        assert wrong.returncode == 2 and error in wrong.stderr, wrong.stderr

@@ -16,6 +16,7 @@ from typing import Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import storage
 from .errors import WitError
 
 
@@ -227,8 +228,11 @@ class Recipe(_Section):
             raise ValueError("queries: name at least one of wikipedia, unigram_counts or wordnet")
         return self
 
-    def path(self, value: str) -> Path:
-        """Resolve a path from the recipe against the recipe's folder."""
+    def path(self, value: str) -> Path | str:
+        """Resolve a path from the recipe against the recipe's folder; an object-store URL (s3://...)
+        stays as it is."""
+        if storage.is_object_url(value):
+            return value
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
 
@@ -238,7 +242,7 @@ class Recipe(_Section):
         for value in values:
             path = str(self.path(value))
             if any(c in path for c in "*?["):
-                matches = sorted(glob.glob(path))
+                matches = storage.glob(path) if storage.is_object_url(path) else sorted(glob.glob(path))
                 if not matches:
                     raise WitError(f"no file matches {value!r}", where=f"recipe {key}")
                 out += matches
@@ -252,6 +256,13 @@ class Recipe(_Section):
         q, problems = self.queries, []
 
         def check(key: str, path: str | Path, kind: str = "file") -> None:
+            if storage.is_object_url(str(path)):
+                try:
+                    if not storage.is_file(str(path)):
+                        problems.append(f"{key}: {path}: object not found")
+                except WitError as e:
+                    problems.append(f"{key}: {e}")
+                return
             p = Path(path)
             if not (p.is_file() if kind == "file" else p.is_dir()):
                 problems.append(f"{key}: {path}: {kind} not found")

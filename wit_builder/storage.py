@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from pathlib import Path
 
 from .errors import WitError
 
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
+READ_BLOCK = 16 << 20  # bytes per ranged GET when reading an input object front to back
 LOCAL_SCHEMES = ("file://", "pipe:", "http://", "https://")  # read as they are, not through a store
 
 
@@ -75,18 +77,27 @@ def list_objects(url: str, suffix: str) -> list[str]:
     """The objects under a URL that end in `suffix`, as sorted URLs: a glob pattern, a prefix (a
     "folder"), or one object."""
     fs, path = filesystem(url)
-    protocol = url.split("://", 1)[0]
-    with errors_named(url):
-        if any(c in path for c in "*?["):
-            found = fs.glob(path)
-        elif fs.isdir(path):
-            found = [p for p in fs.find(path) if p.endswith(suffix)]
-        else:
-            fs.info(path)  # FileNotFoundError names a missing bucket or object here, not later
-            found = [path]
+    if any(c in path for c in "*?["):
+        found = glob(url)
+    else:
+        with errors_named(url):
+            if fs.isdir(path):
+                protocol = url.split("://", 1)[0]
+                found = sorted(f"{protocol}://{p}" for p in fs.find(path) if p.endswith(suffix))
+            else:
+                fs.info(path)  # FileNotFoundError names a missing bucket or object here, not later
+                found = [url]
     if not found:
         raise WitError(f"no {suffix} objects here", where=url)
-    return sorted(f"{protocol}://{p}" for p in found)
+    return found
+
+
+def glob(pattern: str) -> list[str]:
+    """The objects matching a glob pattern, as sorted URLs (none: an empty list)."""
+    fs, path = filesystem(pattern)
+    protocol = pattern.split("://", 1)[0]
+    with errors_named(pattern):
+        return sorted(f"{protocol}://{p}" for p in fs.glob(path))
 
 
 def identity(url: str) -> dict:
@@ -111,6 +122,33 @@ def exists(url: str) -> bool:
     fs, path = filesystem(url)
     with errors_named(url):
         return fs.exists(path)
+
+
+def is_file(path: str) -> bool:
+    """Whether a local path or an object URL names a file (an object)."""
+    if not is_object_url(path):
+        return Path(path).is_file()
+    fs, key = filesystem(path)
+    with errors_named(path):
+        return fs.isfile(key)
+
+
+def size(path: str) -> int:
+    if not is_object_url(path):
+        return Path(path).stat().st_size
+    fs, key = filesystem(path)
+    with errors_named(path):
+        return int(fs.size(key))
+
+
+def open_input(path: str):
+    """A local file or an object, opened for reading bytes (seekable; an object is read in large
+    ranged requests, ahead of the reader)."""
+    if not is_object_url(path):
+        return open(path, "rb")
+    fs, key = filesystem(path)
+    with errors_named(path):
+        return fs.open(key, "rb", block_size=READ_BLOCK, cache_type="readahead")
 
 
 def read_bytes(url: str) -> bytes:

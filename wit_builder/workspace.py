@@ -114,7 +114,12 @@ def io_counters():
 
 
 def file_identity(path: str | os.PathLike) -> dict:
-    """What an input file contributes to a fingerprint: a changed file means recompute."""
+    """What an input file contributes to a fingerprint: a changed file means recompute. An object in
+    a store (s3://...) is known by its URL, ETag and size, the same from any machine."""
+    from . import storage
+
+    if storage.is_object_url(str(path)):
+        return storage.identity(str(path))
     st = os.stat(path)
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
