@@ -15,7 +15,6 @@ a file reads it from the start of the file, so a byte range counts like the whol
 from __future__ import annotations
 
 import bz2
-import os
 import re
 import xml.etree.ElementTree as ET
 from contextlib import closing
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from wit_builder import storage
 from wit_builder.errors import WitError
 
 from .wikitext import ENGLISH, Site
@@ -50,20 +50,20 @@ class DumpPart:
         return stem if self.end is None else f"{stem}@{self.start}-{self.end}"
 
 
-def index_path(dump: str) -> Path | None:
+def index_path(dump: str) -> str | None:
     """Wikipedia names the index of `X-multistream.xml.bz2` as `X-multistream-index.txt.bz2`."""
     name = Path(dump).name
     if not name.endswith(".xml.bz2"):
         return None
-    candidate = Path(dump).with_name(name[: -len(".xml.bz2")] + "-index.txt.bz2")
-    return candidate if candidate.exists() else None
+    candidate = storage.sibling(dump, name[: -len(".xml.bz2")] + "-index.txt.bz2")
+    return candidate if storage.is_file(candidate) else None
 
 
 def plan_parts(dump: str, partition_bytes: int) -> list[DumpPart]:
     """Partitions of one dump: byte ranges when a multistream index is beside it, else the file."""
-    if not os.path.exists(dump):
+    if not storage.is_file(dump):
         raise WitError("dump file not found", where=dump)
-    size = os.path.getsize(dump)
+    size = storage.size(dump)
     if size == 0:
         raise WitError("empty dump: the file has no bytes", where=dump)
     index = index_path(dump)
@@ -85,9 +85,9 @@ def plan_parts(dump: str, partition_bytes: int) -> list[DumpPart]:
     return parts
 
 
-def _read_index_offsets(index: Path) -> Iterator[int]:
+def _read_index_offsets(index: str) -> Iterator[int]:
     try:
-        with bz2.open(index, "rt", encoding="utf-8") as f:
+        with storage.open_input(index) as raw, bz2.open(raw, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 head = line.split(":", 1)[0]
                 if not head.isdigit():
@@ -101,7 +101,7 @@ def _read_index_offsets(index: Path) -> Iterator[int]:
 def _chunks(part: DumpPart) -> Iterator[bytes]:
     """Decompressed bytes of a part, with bz2 failures turned into errors that name the offset."""
     path = part.path
-    with open(path, "rb") as raw:
+    with storage.open_input(path) as raw:
         head = raw.read(3)
         raw.seek(0)
         if head != b"BZh":
@@ -111,7 +111,7 @@ def _chunks(part: DumpPart) -> Iterator[bytes]:
                 yield chunk
             return
         raw.seek(part.start)
-        end = part.end if part.end is not None else os.path.getsize(path)
+        end = part.end if part.end is not None else storage.size(path)
         stream_start = part.start
         decomp = bz2.BZ2Decompressor()
         pos = part.start

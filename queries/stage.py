@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from wit_builder import storage
 from wit_builder.errors import WitError
 from wit_builder.runner import Stage, Task
 from wit_builder.workspace import Run, atomic_write_bytes, file_identity, write_parquet
@@ -47,7 +48,7 @@ class QueriesStage(Stage):
             for part in plan_parts(path, int(q.partition_mb * (1 << 20))):
                 base = run.stage_dir("queries") / "counts" / part.key
                 outputs = {name: f"{base}.{name}.parquet" for name in OUTPUTS}
-                end = part.end if part.end is not None else Path(path).stat().st_size
+                end = part.end if part.end is not None else storage.size(path)
                 tasks.append(Task(
                     stage=self.name, key=part.key, func=count_part,
                     kwargs={"path": path, "start": part.start, "end": part.end, "outputs": outputs},

@@ -139,3 +139,22 @@ def test_candidates_read_from_s3_equal_those_read_from_disk(s3, tmp_path):
                           ([f"{bucket}/crawl/nothing-*.csv"], f"no file matches '{bucket}/crawl/nothing-*.csv'")):
         wrong = run("wrong", inputs, check=False)
         assert wrong.returncode == 2 and error in wrong.stderr, wrong.stderr
+
+
+def test_a_multistream_dump_in_s3_splits_and_reads_like_the_local_one(s3, multistream_dump):
+    """The index beside the dump is found in the bucket, the byte ranges are the same, and each range
+    yields the same pages, read with ranged requests."""
+    from queries.dump import iter_page_bytes, plan_parts, read_site
+
+    bucket = s3.bucket("wit-dumps")
+    index = multistream_dump.with_name("enwiki-sample-multistream-index.txt.bz2")
+    for f in (multistream_dump, index):
+        fsspec.filesystem("s3").put_file(str(f), f"{bucket}/{f.name}")
+    url = f"{bucket}/{multistream_dump.name}"
+    local_parts, remote_parts = plan_parts(str(multistream_dump), 50_000), plan_parts(url, 50_000)
+    assert len(local_parts) > 2
+    assert [(p.start, p.end, p.key) for p in remote_parts] == [(p.start, p.end, p.key) for p in local_parts]
+    for a, b in zip(local_parts, remote_parts):
+        assert list(iter_page_bytes(b)) == list(iter_page_bytes(a))
+    remote, local = read_site(url), read_site(str(multistream_dump))
+    assert (remote.lang, remote.namespaces) == (local.lang, local.namespaces) and len(local.namespaces) > 10

@@ -152,11 +152,8 @@ def labelled_set(spec: str, image_size: int, batch_size: int, class_key: str = "
 
 def classnames_beside(shard: str) -> list[str] | None:
     """The classnames.txt in the shard's folder (or prefix, in an object store), if there is one."""
-    if storage.is_object_url(shard):
-        url = shard.rsplit("/", 1)[0] + "/classnames.txt"
-        return read_lines(url) if storage.exists(url) else None
-    beside = Path(shard).parent / "classnames.txt"
-    return read_lines(beside) if beside.is_file() else None
+    beside = storage.sibling(shard, "classnames.txt")
+    return read_lines(beside) if storage.is_file(beside) else None
 
 
 @torch.no_grad()

@@ -124,6 +124,13 @@ def exists(url: str) -> bool:
         return fs.exists(path)
 
 
+def sibling(path: str, name: str) -> str:
+    """The file called `name` in the same folder (or prefix, in a store) as `path`."""
+    if is_object_url(path):
+        return path.rsplit("/", 1)[0] + "/" + name
+    return str(Path(path).with_name(name))
+
+
 def is_file(path: str) -> bool:
     """Whether a local path or an object URL names a file (an object)."""
     if not is_object_url(path):
