@@ -237,11 +237,16 @@ class ShardHashing:
     @classmethod
     def pool(cls):
         import multiprocessing
+        import multiprocessing.util
         from concurrent.futures import ProcessPoolExecutor
 
         if cls._pool is None:
             cls._pool = ProcessPoolExecutor(cls.processes, multiprocessing.get_context("spawn"),
                                             initializer=phash_bytes, initargs=([b""],))  # its lazy imports
+            # A runner's worker process waits for its children as it exits, before the exit handler
+            # that would stop these: stop them first (and before the finalizers, at priority 10, that
+            # close the pool's own queues), or the worker never ends.
+            multiprocessing.util.Finalize(None, cls._pool.shutdown, exitpriority=100)
         return cls._pool
 
     def submit(self, shard: Path) -> None:

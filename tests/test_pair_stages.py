@@ -1,6 +1,8 @@
 """candidates -> filter -> match through the runner, on the real WARCs, checked end to end."""
 
 import json
+import re
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -66,3 +68,19 @@ def test_counts_views_and_resume(pair_run):
         assert f"{stage}: 3 partitions, 3 already complete, 0 to run" in rerun.stderr
     status = wit("status", run_dir).stdout
     assert "match        complete: 3 partitions" in status
+
+
+@needs_wordnet
+def test_a_copied_run_folder_carries_on_in_its_new_place(pair_run, tmp_path):
+    """Fingerprints hold no path of the run folder: a copy (new paths, new mtimes) run by its folder
+    has every partition complete, and answers queries."""
+    _, run_dir = pair_run
+    copy = tmp_path / "elsewhere" / "pairs"
+    shutil.copytree(run_dir, copy, copy_function=shutil.copy)
+    rerun = wit("run", copy, *STAGES).stderr
+    assert f"run pairs -> {copy}" in rerun
+    assert re.findall(r"(\d+) to run", rerun) and set(re.findall(r"(\d+) to run", rerun)) == {"0"}
+    assert "candidates: complete (3 partitions)" in rerun
+    ours = json.loads(wit("sql", copy, "SELECT count(*) AS n FROM matched", "--json").stdout)
+    theirs = json.loads(wit("sql", run_dir, "SELECT count(*) AS n FROM matched", "--json").stdout)
+    assert ours == theirs and ours["n"] > 50

@@ -44,21 +44,28 @@ def _setup_logging(run_dir: Path | None, verbose: bool) -> None:
         log.addHandler(file)
 
 
-def _load_run(run: str):
-    """A run folder (its saved recipe.toml) or a recipe file."""
+def _recipe_of(run: str, overrides: dict | None = None):
+    """The recipe of a run folder (its saved recipe.toml, run where the folder is now: a copied or
+    moved run carries on in its new place) or of a recipe file."""
     from .recipe import load_recipe
-    from .workspace import Run
 
     path = Path(run)
     recipe_file = path / "recipe.toml" if path.is_dir() else path
     if not recipe_file.exists():
         raise WitError("no run here: expected a run folder with recipe.toml, or a recipe file",
                        where=str(path))
-    recipe = load_recipe(recipe_file)
+    recipe = load_recipe(recipe_file, overrides)
     if path.is_dir():
         recipe = recipe.model_copy(update={"run": recipe.run.model_copy(
             update={"root": str(path.resolve().parent), "name": path.resolve().name})})
-    return Run(recipe)
+    return recipe
+
+
+def _load_run(run: str):
+    """A run folder or a recipe file, as a Run."""
+    from .workspace import Run
+
+    return Run(_recipe_of(run))
 
 
 def all_stages() -> dict:
@@ -78,7 +85,6 @@ def all_stages() -> dict:
 
 
 def cmd_run(args) -> int:
-    from .recipe import load_recipe
     from .runner import make_executor, read_manifest, run_stage
     from .workspace import Run, run_lock
 
@@ -87,7 +93,7 @@ def cmd_run(args) -> int:
         overrides["run.workers"] = args.workers
     if args.executor:
         overrides["run.executor"] = args.executor
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = _recipe_of(args.recipe, overrides)
     run = Run(recipe)
     _setup_logging(run.dir, args.verbose)
     stages = all_stages()

@@ -423,14 +423,27 @@ def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
     except StopIteration as done:
         manifest: Manifest = done.value
     if not manifest.fingerprint:
+        # Output paths enter relative to the run folder: a moved or copied run keeps its fingerprints.
         manifest.fingerprint = fingerprint([p["fingerprint"] for p in manifest.partitions]
-                                           + [manifest.outputs])
+                                           + [within(run.dir, manifest.outputs)])
     atomic_write_bytes(manifest_path(run, stage.name), manifest.to_json())
     for folder in manifest.scratch:
         shutil.rmtree(folder, ignore_errors=True)
     if removed := remove_stale_outputs(outputs):
         log.info("%s: removed %d files of partitions that this plan no longer has", stage.name, removed)
     return counts or {"partitions": 0, "ran": 0, "skipped": 0}
+
+
+def within(folder: Path, value):
+    """`value` (a path, or lists and dicts of them) with paths under `folder` made relative to it."""
+    prefix = str(folder).rstrip("/") + "/"
+    if isinstance(value, str):
+        return value.removeprefix(prefix)
+    if isinstance(value, list):
+        return [within(folder, v) for v in value]
+    if isinstance(value, dict):
+        return {k: within(folder, v) for k, v in value.items()}
+    return value
 
 
 def failure_text(e: BaseException) -> str:
