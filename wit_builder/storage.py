@@ -82,8 +82,7 @@ def list_objects(url: str, suffix: str) -> list[str]:
     else:
         with errors_named(url):
             if fs.isdir(path):
-                protocol = url.split("://", 1)[0]
-                found = sorted(f"{protocol}://{p}" for p in fs.find(path) if p.endswith(suffix))
+                found = as_urls(url, (p for p in fs.find(path) if p.endswith(suffix)))
             else:
                 fs.info(path)  # FileNotFoundError names a missing bucket or object here, not later
                 found = [url]
@@ -95,9 +94,14 @@ def list_objects(url: str, suffix: str) -> list[str]:
 def glob(pattern: str) -> list[str]:
     """The objects matching a glob pattern, as sorted URLs (none: an empty list)."""
     fs, path = filesystem(pattern)
-    protocol = pattern.split("://", 1)[0]
     with errors_named(pattern):
-        return sorted(f"{protocol}://{p}" for p in fs.glob(path))
+        return as_urls(pattern, fs.glob(path))
+
+
+def as_urls(like: str, paths) -> list[str]:
+    """Paths within a store, as sorted URLs with the scheme of `like`."""
+    protocol = like.split("://", 1)[0]
+    return sorted(f"{protocol}://{p}" for p in paths)
 
 
 def identity(url: str) -> dict:
