@@ -222,6 +222,13 @@ def shard_hashes(path: str, column: str, start: int, stop: int) -> tuple[np.ndar
                         zip(t.column("status").to_pylist(), t.column(column).to_pylist())])
 
 
+def start_hashing_process() -> None:
+    """A hashing process runs at a lower priority: the download is the bottleneck, so the hashes take
+    the CPU its processes leave idle and catch up at the end of a partition, rather than slowing it."""
+    os.nice(10)
+    phash_bytes([b""])  # its lazy imports, before the first shard
+
+
 class ShardHashing:
     """pHashes of img2dataset's shards, computed in processes of their own while img2dataset
     downloads the next shard: Pillow's decoding holds the GIL, which the proxy's threads need, and a
@@ -242,7 +249,7 @@ class ShardHashing:
 
         if cls._pool is None:
             cls._pool = ProcessPoolExecutor(cls.processes, multiprocessing.get_context("spawn"),
-                                            initializer=phash_bytes, initargs=([b""],))  # its lazy imports
+                                            initializer=start_hashing_process)
             # A runner's worker process waits for its children as it exits, before the exit handler
             # that would stop these: stop them first (and before the finalizers, at priority 10, that
             # close the pool's own queues), or the worker never ends.
