@@ -10,7 +10,6 @@ from functools import lru_cache
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from wit_builder.errors import WitError
 from wit_builder.runner import Manifest, Stage, Task, partition_entry, read_manifest, step_info
@@ -26,7 +25,7 @@ COUNTS_SCHEMA = pa.schema([("query_id", pa.int32()), ("count", pa.int64())])
 @lru_cache(maxsize=2)
 def matcher_for(queries_path: str, mode: str, stamp: str) -> QueryMatcher:
     """One automaton per worker process, rebuilt only when the query list changes (`stamp`)."""
-    table = pq.read_table(queries_path, columns=["query_id", "query", "count"])
+    table = read_table(queries_path, columns=["query_id", "query", "count"])
     if table.column("query_id").to_pylist() != list(range(table.num_rows)):
         raise WitError("query_id must be 0..n-1 in order", where=queries_path)
     return QueryMatcher(table.column("query").to_pylist(), mode, table.column("count").to_pylist())

@@ -80,12 +80,12 @@ def sum_counts(parts: list[str], output: str) -> dict:
     """Pairs per query over all partitions: partial counts summed (500k queries at most: tiny)."""
     import duckdb
 
-    from wit_builder.workspace import write_parquet
+    from wit_builder.workspace import duckdb_paths, write_parquet
 
     con = duckdb.connect()
     if parts:
         con.execute("CREATE TABLE c AS SELECT query_id, sum(count)::BIGINT AS count FROM read_parquet($p) "
-                    "GROUP BY 1", {"p": parts})
+                    "GROUP BY 1", {"p": duckdb_paths(con, parts)})
         table = con.sql("SELECT * FROM c ORDER BY query_id").to_arrow_table()
     else:
         table = query_counts(pa.array([], pa.list_(pa.int32())))

@@ -30,6 +30,7 @@ from wit_builder.ids import fingerprint
 from wit_builder.runner import Manifest, Stage, Task, combined_fingerprint, completed, partition_entry
 from wit_builder.shuffle import bucket_folder, bucket_of, bucket_writer, read_bucket, splitmix64, uid_to_u64
 from wit_builder.tar import safe_key, write_shard
+from wit_builder import workspace
 from wit_builder.workspace import Run, atomic_write_bytes, parquet_file, parquet_writer, read_table
 
 VERSION = 3  # 3: each sample's json is built by DuckDB (compact separators)
@@ -171,9 +172,9 @@ def write_index(indexes: list[str], shards: list[str], out_dir: str) -> dict:
                 counts[str(shard)] += int(n)
             w.write_table(table)
     atomic_write_bytes(out / "sizes.json", json.dumps(counts, indent=1).encode())
-    for stale in out.glob("*.tar"):  # shards of an earlier plan with more of them
+    for stale in workspace.glob(out, "*.tar"):  # shards of an earlier plan with more of them
         if stale.name not in counts:
-            stale.unlink()
+            workspace.remove(stale)
     wids = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.parent.name,
             "shardlist": [{"url": name, "nsamples": n} for name, n in counts.items()]}
     atomic_write_bytes(out / "wids.json", json.dumps(wids, indent=1).encode())

@@ -17,7 +17,7 @@ import pyarrow as pa
 from wit_builder import storage
 from wit_builder.errors import WitError
 from wit_builder.runner import Stage, Task
-from wit_builder.workspace import Run, atomic_write_bytes, file_identity, write_parquet
+from wit_builder.workspace import Run, atomic_write_bytes, duckdb_paths, file_identity, write_parquet
 
 from .counting import OUTPUTS, count_part
 from .dump import plan_parts
@@ -76,7 +76,7 @@ class QueriesStage(Stage):
         inputs = {"version": VERSION, "settings": kwargs["settings"], "parts": [t.fingerprint for t in tasks],
                   "sources": [kwargs["unigram_table"], kwargs["wordnet"], kwargs["pageviews"]], "files": []}
         for f in [kwargs["unigram_table"], *kwargs["pageviews"]]:
-            if f and Path(f).exists():
+            if f and storage.is_file(f):
                 inputs["files"].append(file_identity(f))
         if kwargs["wordnet"]:
             inputs["files"] += [file_identity(Path(kwargs["wordnet"]) / n) for n in DATA_FILES
@@ -88,7 +88,7 @@ class QueriesStage(Stage):
 
 def _dump_sources(con: duckdb.DuckDBPyConnection, counts: list[dict], s: dict, pageviews: dict | None):
     """Unigrams, bigrams (with PMI) and titles from the per-partition count files."""
-    files = {name: [c[name] for c in counts] for name in ("unigrams", "bigrams", "titles", "links")}
+    files = {name: duckdb_paths(con, [c[name] for c in counts]) for name in ("unigrams", "bigrams", "titles", "links")}
     con.execute("CREATE TEMP TABLE uni AS SELECT token, sum(count)::BIGINT AS count "
                 "FROM read_parquet($f) GROUP BY token", {"f": files["unigrams"]})
     total = con.execute("SELECT coalesce(sum(count), 0) FROM uni").fetchone()[0]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 
+from wit_builder import storage
 from wit_builder.errors import WitError
 
 log = logging.getLogger("wit")
@@ -99,9 +100,11 @@ def read_pageviews(paths: list[str], projects: list[str]) -> dict[str, int]:
     """Views per title, summed over hourly pageview files (`project title views bytes`). Titles are
     returned as the dump spells them: underscores become spaces."""
     for p in paths:
-        if not Path(p).is_file():
+        if not storage.is_file(p):
             raise WitError("pageview file not found", where=p)
     con = duckdb.connect()
+    if paths and storage.is_object_url(paths[0]):
+        storage.register_with_duckdb(con, paths[0])
     try:
         rows = con.execute(
             """

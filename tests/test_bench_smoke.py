@@ -28,6 +28,7 @@ BENCHMARKS = [
     pytest.param("neardup", [], id="neardup"),
     pytest.param("stats", [], id="stats"),
     pytest.param("train_data", [], id="train_data", marks=slow),
+    pytest.param("upload", [], id="upload"),
     pytest.param("train_throughput", [], id="train_throughput", marks=slow),
 ]
 RATIO = re.compile(r"^ratio: .*?\d+(?:\.\d+)?\s*[x×]", re.M)

@@ -158,3 +158,127 @@ def test_a_multistream_dump_in_s3_splits_and_reads_like_the_local_one(s3, multis
         assert list(iter_page_bytes(b)) == list(iter_page_bytes(a))
     remote, local = read_site(url), read_site(str(multistream_dump))
     assert (remote.lang, remote.namespaces) == (local.lang, local.namespaces) and len(local.namespaces) > 10
+
+
+@pytest.fixture(scope="module")
+def corpus_recipes(s3, tmp_path_factory):
+    """A small run through every stage on the miniature web, as two recipes: one with its run folder
+    on disk, one with it in the bucket (and its staging folder of its own)."""
+    from test_download import ARCHIVE, archive_images, make_run
+
+    tmp = tmp_path_factory.mktemp("corpus-s3")
+    rows = [(u, f"a picture {i}") for i, u in enumerate(archive_images(20))]
+    rows += [(archive_images(1)[0], "a picture again")]  # an exact duplicate for dedup
+    local, run_dir = make_run(tmp, "corpus", rows, {"replay": [str(ARCHIVE)], "allow_loopback": True},
+                              workers=2, words=("a", "picture", "again"))
+    local.write_text(local.read_text() + "\n[balance]\nt = 5\noversample = 0\n[shards]\nsamples_per_shard = 4\n")
+    in_s3 = tmp / "in-s3.toml"
+    bucket = s3.bucket("wit-runs")
+    in_s3.write_text(local.read_text().replace(f'root = "{tmp / "runs"}"',
+                                               f'root = "{bucket}/runs"\nstaging = "{tmp / "staging"}"'))
+    wit("run", local)
+    return run_dir, in_s3, f"{bucket}/runs/corpus", tmp / "staging"
+
+
+def store_files(url: str) -> dict[str, bytes]:
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    prefix = url.removeprefix("s3://") + "/"
+    return {p.removeprefix(prefix): fs.cat_file(p) for p in fs.find(prefix)}
+
+
+@pytest.mark.slow
+def test_a_run_in_s3_gives_the_local_runs_shards_byte_for_byte(corpus_recipes):
+    run_dir, recipe, url, staging = corpus_recipes
+    done = wit("run", recipe).stderr
+    assert f"run corpus -> {url}" in done and f"wit sql {url}" in done
+    stored = store_files(url)
+    shards = sorted(p for p in stored if p.startswith("shards/") and "/_" not in p)
+    assert "shards/000000.tar" in shards and {"shards/sizes.json", "shards/shards.parquet"} <= set(shards)
+    for name in shards:
+        assert stored[name] == (run_dir / name).read_bytes(), name
+    # Every run file went to the store; the node keeps only its lock, log and caches.
+    left = {p.name for p in staging.rglob("*") if p.is_file()}
+    assert left and left <= {"lock", "wit.log"} | {p.name for p in staging.rglob("_robots/*/*")}, left
+    again = wit("run", recipe).stderr
+    assert "shards: complete" in again and "dedup: complete" in again
+    # The run folder in the bucket is a run: wit sql, status, stats and report read it there.
+    ours = json.loads(wit("sql", url, "SELECT count(*) AS n, sum(len(query_ids)) AS q FROM shards", "--json").stdout)
+    theirs = json.loads(wit("sql", run_dir, "SELECT count(*) AS n, sum(len(query_ids)) AS q FROM shards", "--json").stdout)
+    assert ours == theirs and ours["n"] > 4
+    assert "shards       complete: 1 partitions" in wit("status", url).stdout
+    stats = wit("stats", url).stdout
+    assert "== The funnel" in stats and "not available yet" not in stats.split("== Query coverage")[0]
+    assert f"report: {url}/report.html" in wit("report", url).stdout
+    assert b"<img class=\"thumb\"" in store_files(url)["report.html"]
+
+
+@pytest.mark.slow
+def test_killed_mid_run_in_s3_then_rerun_gives_the_same_shards(corpus_recipes, tmp_path):
+    """kill -9 the driver (its workers die with it) as soon as the download's marker is in the
+    bucket; the rerun trusts only markers, redoes the rest, and ends with the local run's shards."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir, recipe, _, _ = corpus_recipes
+    url = recipe.read_text().split('root = "', 1)[1].split('"', 1)[0].replace("/runs", "/killed")
+    killed = tmp_path / "killed.toml"
+    killed.write_text(recipe.read_text().replace("/runs\"", "/killed\""))
+    marker = url.removeprefix("s3://") + "/corpus/_state/download/corpus.csv.json"
+    fs = fsspec.filesystem("s3")
+    proc = subprocess.Popen([sys.executable, "-m", "wit_builder.cli", "run", str(killed)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not fs.exists(marker):
+        fs.invalidate_cache()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert fs.exists(marker) and "shards/sizes.json" not in store_files(url + "/corpus")
+    rerun = wit("run", killed).stderr
+    assert "download: 1 partitions, 1 already complete, 0 to run" in rerun
+    stored = store_files(url + "/corpus")
+    for name in ("shards/000000.tar", "shards/sizes.json", "shards/shards.parquet"):
+        assert stored[name] == (run_dir / name).read_bytes(), name
+
+
+def test_pageview_files_read_from_s3_like_local_ones(s3, tmp_path):
+    import gzip
+
+    from queries.tables import read_pageviews
+
+    local = tmp_path / "pageviews-20240101-000000.gz"
+    local.write_bytes(gzip.compress(b"en Cat 10 0\nen Dog 3 0\nde Cat 99 0\nen.m Cat 5 0\nen Bad_line\n"))
+    url = s3.bucket("wit-pageviews") + "/" + local.name
+    fsspec.filesystem("s3").put_file(str(local), url)
+    views = read_pageviews([url], ["en", "en.m"])
+    assert views == read_pageviews([str(local)], ["en", "en.m"]) == {"Cat": 15, "Dog": 3}
+    with pytest.raises(WitError, match="pageview file not found"):
+        read_pageviews([url + ".missing"], ["en"])
+
+
+@pytest.mark.slow
+def test_a_two_node_ray_cluster_on_a_run_in_s3_gives_the_same_shards(corpus_recipes, tmp_path, monkeypatch):
+    """Two Ray nodes (separate raylets), the run folder in the bucket: every file a task reads comes
+    from the store, and the shards equal the local process pool's on disk."""
+    from ray.cluster_utils import Cluster
+
+    run_dir, recipe, _, staging = corpus_recipes
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        on_ray = tmp_path / "ray.toml"
+        on_ray.write_text(recipe.read_text().replace("/runs\"", "/ray\"").replace(
+            "workers = 2", f'workers = 2\nexecutor = "ray"\nray_address = "{cluster.address}"'))
+        url = on_ray.read_text().split('root = "', 1)[1].split('"', 1)[0] + "/corpus"
+        assert "ray executor, 2 workers" in wit("run", on_ray).stderr
+    finally:
+        cluster.shutdown()
+    stored = store_files(url)
+    for name in ("shards/000000.tar", "shards/sizes.json", "shards/shards.parquet"):
+        assert stored[name] == (run_dir / name).read_bytes(), name
+    assert not [p for p in staging.rglob("*.parquet")], "a run file stayed on a node"

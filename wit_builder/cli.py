@@ -49,6 +49,16 @@ def _recipe_of(run: str, overrides: dict | None = None):
     moved run carries on in its new place) or of a recipe file."""
     from .recipe import load_recipe
 
+    from . import storage
+
+    if storage.is_object_url(str(run)):  # a run folder in a store: its saved recipe, run there
+        url = str(run).rstrip("/")
+        try:
+            recipe = load_recipe(url + "/recipe.toml", overrides)
+        except WitError:
+            raise WitError("no run here: expected a run folder with recipe.toml", where=url) from None
+        root, _, name = url.rpartition("/")
+        return recipe.model_copy(update={"run": recipe.run.model_copy(update={"root": root, "name": name})})
     path = Path(run)
     recipe_file = path / "recipe.toml" if path.is_dir() else path
     if not recipe_file.exists():
@@ -105,7 +115,7 @@ def cmd_run(args) -> int:
         raise WitError("inputs not found:\n" + "\n".join(f"  {m}" for m in missing), where=str(args.recipe))
     with run_lock(run.dir):
         run.save_recipe()
-        log.info("run %s -> %s (%s executor, %d workers)", recipe.run.name, run.dir,
+        log.info("run %s -> %s (%s executor, %d workers)", recipe.run.name, run.place,
                  recipe.run.executor, recipe.run.workers)
         executor = make_executor(run)
         try:
@@ -115,8 +125,8 @@ def cmd_run(args) -> int:
             executor.close()
     # A recipe with pairs to find must end in shards (one without inputs builds a query list only).
     if "shards" in chosen and recipe.candidates.inputs and not read_manifest(run, "shards").partitions:
-        raise WitError(f"the run made no shards: {why_empty(run.dir)}", where=str(run.dir))
-    log.info("done. Query it: wit sql %s \"SELECT * FROM queries LIMIT 10\"", run.dir)
+        raise WitError(f"the run made no shards: {why_empty(run.dir)}", where=run.place)
+    log.info("done. Query it: wit sql %s \"SELECT * FROM queries LIMIT 10\"", run.place)
     return 0
 
 
@@ -154,13 +164,14 @@ def why_empty(run_dir: Path) -> str:
 
 
 def cmd_status(args) -> int:
-    import pyarrow.parquet as pq
 
     from .runner import is_complete, read_manifest
     from .sql import STAGE_VIEWS, VIEWS
 
+    from . import workspace
+
     run = _load_run(args.run)
-    print(f"run {run.dir}")
+    print(f"run {run.place}")
     for name, stage in all_stages().items():
         try:
             manifest = read_manifest(run, name)
@@ -177,7 +188,8 @@ def cmd_status(args) -> int:
             line = f"  {name:<12} {done}/{len(tasks)} partitions done"
         view = STAGE_VIEWS.get(name)
         if view:
-            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in run.dir.glob(VIEWS[view]))
+            folder, _, files = VIEWS[view].rpartition("/")
+            rows = sum(workspace.parquet_file(p).metadata.num_rows for p in workspace.glob(run.dir / folder, files))
             line += f"; {view}: {rows:,} rows"
         print(line)
     return 0
@@ -231,8 +243,10 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     run = _load_run(args.run)
+    from .workspace import location
+
     path = write_report(run.dir, Path(args.output) if args.output else None)
-    print(f"report: {path}")
+    print(f"report: {location(path)}")
     return 0
 
 

@@ -27,7 +27,11 @@ class _Section(BaseModel):
 
 class RunSettings(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # A folder, or a prefix in an object store (s3://bucket/runs): the run folder is root/name.
     root: str = "runs"
+    # For a root in a store: the local folder where each node stages the files it writes before
+    # uploading them ("": ~/.cache/wit-builder/staging).
+    staging: str = ""
     seed: int = 0
     executor: Literal["local", "ray"] = "local"
     # 0 means one worker per CPU core.
@@ -297,7 +301,18 @@ class Recipe(_Section):
 
     @property
     def run_dir(self) -> Path:
+        """The run folder; for a run in a store, its local staging folder (see workspace)."""
+        if self.run_store:
+            staging = self.run.staging or os.path.join(os.path.expanduser("~"), ".cache", "wit-builder", "staging")
+            return Path(staging).resolve() / self.run_store.split("://", 1)[1]
         return Path(self.run.root).resolve() / self.run.name
+
+    @property
+    def run_store(self) -> str:
+        """The run folder's URL when `run.root` is in an object store, else ""."""
+        if storage.is_object_url(self.run.root):
+            return self.run.root.rstrip("/") + "/" + self.run.name
+        return ""
 
     def resolved_toml(self) -> str:
         """The recipe with every default filled in and every input path made absolute."""
@@ -310,15 +325,22 @@ class Recipe(_Section):
         for key in ("unigram_counts", "wordnet"):
             if q[key]:
                 q[key] = str(self.path(q[key]))
-        data["run"]["root"] = str(Path(self.run.root).resolve())
+        if not self.run_store:
+            data["run"]["root"] = str(Path(self.run.root).resolve())
         return tomli_w.dumps(data)
 
 
 def load_recipe(path: str | os.PathLike, overrides: dict | None = None) -> Recipe:
     """Read and validate a recipe; every problem names the file and the key."""
+    text = None
+    if storage.is_object_url(str(path)):  # a run folder's recipe.toml in a store
+        try:
+            text = storage.read_bytes(str(path))
+        except FileNotFoundError:
+            raise WitError("recipe file not found", where=str(path)) from None
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads((text if text is not None else path.read_bytes()).decode("utf-8"))
     except FileNotFoundError:
         raise WitError("recipe file not found", where=str(path)) from None
     except UnicodeDecodeError as e:
@@ -328,7 +350,7 @@ def load_recipe(path: str | os.PathLike, overrides: dict | None = None) -> Recip
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         raw.setdefault(section, {})[key] = value
-    raw["base_dir"] = str(path.resolve().parent)
+    raw["base_dir"] = str(path.resolve().parent) if text is None else "."
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:

@@ -14,7 +14,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from . import sql, stats
+from . import sql, stats, storage, workspace
 
 
 def _png(fig) -> str:
@@ -121,20 +121,25 @@ def _plots(con, views: set[str]) -> list[str]:
     return out
 
 
-def _gallery(run_dir: Path, per_query: int = 4, queries: int = 6) -> str:
-    """Thumbnails of a few samples for the queries with the most samples in the shards."""
+def _gallery(run_dir: Path, per_query: int = 4, queries: int = 6, samples: int = 1000) -> str:
+    """Thumbnails of a few samples for the queries with the most samples in the first shards, read
+    until `samples` (the shards hold the samples in a random order, so their first ones are a fair
+    sample of a corpus of any size)."""
     from PIL import Image
 
-    shard_files = sorted((run_dir / "shards").glob("*.tar"))
     by_query: dict[str, list[tuple[str, bytes, str]]] = {}
-    for path in shard_files:
-        with tarfile.open(path) as tf:
+    seen = 0
+    for path in workspace.glob(run_dir / "shards", "*.tar"):
+        if seen >= samples:
+            break
+        with storage.open_input(workspace.location(path)) as f, tarfile.open(fileobj=f) as tf:
             members = {m.name: m for m in tf}
             for name, member in members.items():
                 if not name.endswith(".json"):
                     continue
                 key = name[:-5]
                 meta = json.loads(tf.extractfile(member).read())
+                seen += 1
                 image = next((tf.extractfile(members[f"{key}.{e}"]).read() for e in ("jpg", "png", "webp")
                               if f"{key}.{e}" in members), None)
                 caption = tf.extractfile(members[f"{key}.txt"]).read().decode() if f"{key}.txt" in members else ""

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .errors import WitError
 from .ids import fingerprint
+from . import workspace
 from .workspace import Run, atomic_write_bytes, io_counters, write_marker
 
 log = logging.getLogger("wit")
@@ -70,13 +71,19 @@ class Task:
 
 def read_marker(task: Task) -> dict | None:
     try:
-        marker = json.loads(Path(task.marker).read_text())
+        marker = json.loads(workspace.read_bytes(task.marker))
     except (FileNotFoundError, ValueError):
         return None
     outputs = task.outputs + ([task.receipt] if task.receipt else [])
-    if marker.get("fingerprint") != task.fingerprint or not all(os.path.exists(p) for p in outputs):
+    if marker.get("fingerprint") != task.fingerprint or not all(in_place(p) for p in outputs):
         return None
     return marker
+
+
+def in_place(path: str) -> bool:
+    """Whether an output named by a marker is there. In a store the marker alone says so: it is put
+    after its outputs, and checking each one would cost a request per file."""
+    return bool(workspace.in_store(path)) or os.path.exists(path)
 
 
 def is_complete(task: Task) -> bool:
@@ -130,7 +137,7 @@ def manifest_path(run: Run, stage: str) -> Path:
 def read_manifest(run: Run, stage: str, needed_by: str = "") -> Manifest:
     """The completed manifest of `stage`; a clear error when that stage has not completed yet."""
     try:
-        body = json.loads(manifest_path(run, stage).read_text())
+        body = json.loads(workspace.read_bytes(manifest_path(run, stage)))
     except (FileNotFoundError, ValueError):
         raise WitError(f"the {stage} stage has not completed yet: run it first "
                        f"(wit run RECIPE --stage {stage})", where=f"stage {needed_by or stage}") from None
@@ -144,7 +151,7 @@ def completed(run: Run, stage: str, plan: str) -> Manifest | None:
         manifest = read_manifest(run, stage)
     except WitError:
         return None
-    if manifest.plan != plan or not all(os.path.exists(f) for f in manifest.files()):
+    if manifest.plan != plan or not all(in_place(f) for f in manifest.files()):
         return None
     log.info("%s: complete (%d partitions)", stage, len(manifest.partitions))
     return manifest
@@ -204,13 +211,16 @@ def combined_fingerprint(tasks: list[Task]) -> str:
 # Executors
 
 
-def exit_with_driver(driver: int) -> None:
-    """A pool worker's first act: ask the kernel for SIGKILL when the driver dies (kill -9 included),
-    so that no orphan finishes a task into a run folder a rerun now owns, or idles on for ever.
-    Linux only (prctl PR_SET_PDEATHSIG); elsewhere workers outlive a killed driver."""
+def start_worker(driver: int, stores: dict[str, str]) -> None:
+    """A pool worker's first acts: learn where the run's store is (see workspace), and ask the
+    kernel for SIGKILL when the driver dies (kill -9 included), so that no orphan finishes a task
+    into a run folder a rerun now owns, or idles on for ever. Linux only (prctl PR_SET_PDEATHSIG);
+    elsewhere workers outlive a killed driver."""
     import ctypes
     import signal
 
+    for staging, url in stores.items():
+        workspace.use_store(staging, url)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -237,7 +247,8 @@ class LocalExecutor:
             return
         if self._pool is None:  # one pool for every step of the run: workers start once
             self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=exit_with_driver, initargs=(os.getpid(),))
+                                                initializer=start_worker,
+                                                initargs=(os.getpid(), workspace.stores()))
         futures = {self._pool.submit(execute, t): t for t in tasks}
         for fut in cf.as_completed(futures):
             try:
@@ -251,8 +262,16 @@ class LocalExecutor:
             self._pool = None
 
 
+def execute_in(stores: dict[str, str], task: Task) -> dict:
+    """`execute` on a Ray worker, which learns first where the run's store is."""
+    for staging, url in stores.items():
+        workspace.use_store(staging, url)
+    return execute(task)
+
+
 class RayExecutor:
-    """The same tasks as Ray tasks. Workers must see the run folder at the same path (shared FS)."""
+    """The same tasks as Ray tasks. The workers see the run folder at the same path (a shared
+    filesystem), or the run is in an object store and no node needs another's disk."""
 
     def __init__(self, workers: int, address: str = ""):
         try:
@@ -269,11 +288,12 @@ class RayExecutor:
             else:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True)
         # A task that raised is a bad partition, not a lost worker: do not retry it.
-        self.remote = ray.remote(num_cpus=1, max_retries=0)(execute)
+        self.remote = ray.remote(num_cpus=1, max_retries=0)(execute_in)
 
     def map(self, tasks: list[Task]) -> Iterator[tuple[Task, dict | BaseException]]:
         ray = self.ray
-        pending = {self.remote.remote(t): t for t in tasks}
+        stores = workspace.stores()
+        pending = {self.remote.remote(stores, t): t for t in tasks}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             ref = done[0]
@@ -428,7 +448,7 @@ def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
                                            + [within(run.dir, manifest.outputs)])
     atomic_write_bytes(manifest_path(run, stage.name), manifest.to_json())
     for folder in manifest.scratch:
-        shutil.rmtree(folder, ignore_errors=True)
+        workspace.remove_tree(folder)
     if removed := remove_stale_outputs(outputs):
         log.info("%s: removed %d files of partitions that this plan no longer has", stage.name, removed)
     return counts or {"partitions": 0, "ran": 0, "skipped": 0}
@@ -460,8 +480,8 @@ def remove_stale_outputs(outputs: set[str]) -> int:
     input). The DuckDB views read every part file of a folder, so they would be counted twice."""
     removed = 0
     for folder in {Path(p).parent for p in outputs}:
-        for f in [*folder.glob("part-*.parquet"), *folder.glob("b[0-9][0-9][0-9][0-9][0-9].parquet")]:
+        for f in [*workspace.glob(folder, "part-*.parquet"), *workspace.glob(folder, "b[0-9][0-9][0-9][0-9][0-9].parquet")]:
             if str(f) not in outputs:
-                f.unlink(missing_ok=True)
+                workspace.remove(f)
                 removed += 1
     return removed

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .workspace import atomic_path, atomic_write_bytes, open_input, read_table
+from . import workspace
+from .workspace import atomic_path, atomic_write_bytes, read_table
 
 FORMAT = "arrow-ipc-indexed"  # of the bucket files: part of each shuffle's namespace, so a rerun never mixes formats
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -152,19 +153,17 @@ def read_bucket(folder: str | Path, bucket: int, schema: pa.Schema, suffix: str 
     """Every map task's records for one bucket (maps named `*<suffix>`), in map-name order, then
     chunk order (so the result does not depend on which task finished first)."""
     tables = []
-    for index in sorted(Path(folder).glob(f"*{suffix}.index")):
+    for index in workspace.glob(folder, f"*{suffix}.index"):
         if index.name.startswith("."):
             continue
-        with open_input(index) as f:
-            buckets, chunks = np.frombuffer(f.read(16), np.int64)
-            f.seek(16 + bucket * chunks * 16)
-            spans = np.frombuffer(f.read(int(chunks) * 16), np.int64).reshape(-1, 2)
+        head = workspace.read_ranges(index, [(0, 16)])[0]
+        buckets, chunks = np.frombuffer(head, np.int64)
+        row = workspace.read_ranges(index, [(16 + bucket * int(chunks) * 16, int(chunks) * 16)], count=False)[0]
+        spans = np.frombuffer(row, np.int64).reshape(-1, 2)
         spans = spans[spans[:, 1] > 0]
         if len(spans):
-            with open_input(index.with_suffix(".arrow")) as f:
-                for offset, length in spans.tolist():
-                    f.seek(offset)
-                    tables.append(pa.ipc.open_stream(f.read(length)).read_all())
+            for data in workspace.read_ranges(index.with_suffix(".arrow"), spans.tolist()):
+                tables.append(pa.ipc.open_stream(data).read_all())
     return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
 
 

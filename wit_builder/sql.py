@@ -6,6 +6,8 @@ from pathlib import Path
 
 import duckdb
 
+from . import workspace
+
 # view name -> glob under the run folder. A view exists once its stage has written a file, so the
 # views of a run still under way show what has completed so far.
 VIEWS = {
@@ -30,11 +32,13 @@ STAGE_VIEWS = {"queries": "queries", "candidates": "candidates", "filter": "filt
 
 
 def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
+    """DuckDB with the run's views; for a run in a store, read through the store's filesystem."""
     run_dir = Path(run_dir)
     con = duckdb.connect()
     for name, pattern in VIEWS.items():
-        if any(run_dir.glob(pattern)):
-            path = str(run_dir / pattern).replace("'", "''")
+        folder, _, files = pattern.rpartition("/")
+        if workspace.glob(run_dir / folder, files):
+            path = workspace.duckdb_paths(con, [str(run_dir / pattern)])[0].replace("'", "''")
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
     return con
 

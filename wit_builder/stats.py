@@ -8,7 +8,7 @@ from pathlib import Path
 
 import duckdb
 
-from . import sql
+from . import sql, workspace
 
 BUILTIN = Path(__file__).parent / "reports"
 
@@ -16,12 +16,12 @@ BUILTIN = Path(__file__).parent / "reports"
 def report_files(run_dir: Path, extra: list[Path]) -> list[Path]:
     files = sorted(BUILTIN.glob("*.sql"))
     for folder in [run_dir / "reports", *extra]:
-        files += sorted(folder.glob("*.sql"))
+        files += workspace.glob(folder, "*.sql")
     return files
 
 
-def title_of(path: Path) -> str:
-    first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+def title_of(path: Path, query: str) -> str:
+    first = query.splitlines()[0] if query else ""
     return first[2:].strip() if first.startswith("--") else path.stem
 
 
@@ -30,12 +30,13 @@ def run_reports(run_dir: Path, extra: list[Path] | None = None):
     con = sql.connect(run_dir)
     available = set(sql.views(con))
     for path in report_files(run_dir, extra or []):
-        query = path.read_text()
+        query = workspace.read_bytes(path).decode()
+        title = title_of(path, query)
         missing = sorted(v for v in sql.VIEWS if re.search(rf"\b{v}\b", query) and v not in available)
         if missing:
-            yield title_of(path), f"not available yet: no {', '.join(missing)} in this run"
+            yield title, f"not available yet: no {', '.join(missing)} in this run"
             continue
         try:
-            yield title_of(path), con.sql(query)
+            yield title, con.sql(query)
         except duckdb.Error as e:
-            yield title_of(path), f"error in {path}: {e}"
+            yield title, f"error in {workspace.location(path)}: {e}"

@@ -92,9 +92,10 @@ def list_objects(url: str, suffix: str) -> list[str]:
 
 
 def glob(pattern: str) -> list[str]:
-    """The objects matching a glob pattern, as sorted URLs (none: an empty list)."""
+    """The objects matching a glob pattern now, as sorted URLs (none: an empty list)."""
     fs, path = filesystem(pattern)
     with errors_named(pattern):
+        fs.invalidate_cache()  # s3fs keeps listings: another process may have written since
         return as_urls(pattern, fs.glob(path))
 
 
@@ -125,6 +126,7 @@ def forget_clients() -> None:
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     with errors_named(url):
+        fs.invalidate_cache(path)
         return fs.exists(path)
 
 
@@ -162,10 +164,54 @@ def open_input(path: str):
         return fs.open(key, "rb", block_size=READ_BLOCK, cache_type="readahead")
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
+    """An object's bytes (or bytes [start, end), one ranged GET). A missing object raises
+    FileNotFoundError, for the caller to say what its absence means."""
+    fs, path = filesystem(url)
+    try:
+        return fs.cat_file(path, start, end)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise WitError(problem(e), where=url) from None
+
+
+def read_ranges(url: str, spans: list[tuple[int, int]]) -> list[bytes]:
+    """The bytes of each (offset, length) span of an object: ranged GETs, issued together."""
     fs, path = filesystem(url)
     with errors_named(url):
-        return fs.cat_file(path)
+        return fs.cat_ranges([path] * len(spans), [o for o, _ in spans], [o + n for o, n in spans])
+
+
+def upload(local: str | os.PathLike, url: str) -> None:
+    """Put a local file at `url` (in parts, in parallel, for a large one): the object appears whole
+    when the put completes, or not at all."""
+    fs, path = filesystem(url)
+    with errors_named(url):
+        fs.put_file(str(local), path)
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    """Delete an object (or every object under a prefix); a missing one is fine."""
+    fs, path = filesystem(url)
+    with errors_named(url), contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=recursive)
+
+
+def arrow_filesystem(url: str):
+    """(pyarrow filesystem, path within it) for an object URL: pyarrow's readers through fsspec."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(url)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def register_with_duckdb(con, url: str) -> None:
+    """Let DuckDB connection `con` read URLs like `url` through the same fsspec filesystem (no DuckDB
+    extension to download)."""
+    fs, _ = filesystem(url)
+    if not con.filesystem_is_registered(fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]):
+        con.register_filesystem(fs)
 
 
 class LocalS3:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import tarfile
-from pathlib import Path
 
 from .workspace import atomic_path
 
@@ -60,4 +59,4 @@ def write_shard(path: str, samples, ext: str) -> int:
     """Write a shard under a temporary name, fsync it and rename it into place; returns its size."""
     with atomic_path(path) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
         write_samples(f, samples, ext)
-    return Path(path).stat().st_size
+        return f.tell()

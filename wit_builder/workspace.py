@@ -3,6 +3,12 @@
 Layout (see README): runs/<name>/recipe.toml, one folder per stage, and _state/<stage>/<key>.json
 markers. A marker is written last, after every output of its partition has been renamed into place,
 so a partition with a marker is complete and one without it is redone.
+
+A run folder can live in an object store (`run.root = "s3://..."`). Its files are then written in a
+local staging folder at the same relative place, each uploaded as soon as it is complete and the
+local copy removed; every read of a run file goes to the store. An object appears whole or not at
+all, so the same order (outputs first, the marker last) keeps its meaning without a rename, and no
+node reads another node's disk. Only work in progress (`LOCAL_ONLY`) stays on the node that does it.
 """
 
 from __future__ import annotations
@@ -19,14 +25,55 @@ import pyarrow.parquet as pq
 from .recipe import Recipe
 
 
+# A run folder's local staging folder -> its URL in a store (see the module's docstring).
+_stores: dict[str, str] = {}
+# Names of files and folders of a run that stay on the node that writes them: resumable work in
+# progress, caches, the driver's lock and log, and the progress files the driver polls.
+LOCAL_ONLY = {"_work", "_robots", "lock", "wit.log"}
+
+
+def use_store(staging: str | os.PathLike, url: str) -> None:
+    """Files under `staging` belong to the run folder at `url` (this process, and the workers that
+    are told so)."""
+    _stores[str(staging).rstrip("/") + "/"] = url.rstrip("/") + "/"
+
+
+def stores() -> dict[str, str]:
+    return dict(_stores)
+
+
+def in_store(path: str | os.PathLike) -> str | None:
+    """The URL of a run file staged at `path`; None for a local file (or one that stays local)."""
+    text = str(path)
+    for staging, url in _stores.items():
+        if text.startswith(staging) or text + "/" == staging:
+            rel = text[len(staging):]
+            if rel.endswith(".progress") or LOCAL_ONLY.intersection(rel.split("/")):
+                return None
+            return url + rel
+    return None
+
+
+def location(path: str | os.PathLike) -> str:
+    """Where a run file is read from: its URL in the store, or the local path."""
+    return in_store(path) or str(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary name beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary name beside `path`; rename it into place only if the block succeeds (in a
+    store: upload it, then drop the local copy)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    url = in_store(path)
     try:
         yield tmp
+        if url:  # the store keeps it: the staged copy needs no fsync and no rename
+            from . import storage
+
+            storage.upload(tmp, url)
+            return
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -57,23 +104,101 @@ def parquet_writer(path: str | os.PathLike, schema: pa.Schema):
             yield writer
 
 
-def open_input(path: str | os.PathLike):
-    """open(path, "rb"), counted like read_table."""
-    _opened[0] += 1
-    return open(path, "rb")
+def read_ranges(path: str | os.PathLike, spans: list[tuple[int, int]], count: bool = True) -> list[bytes]:
+    """The bytes of each (offset, length) span of a run file (ranged GETs, in parallel, in a store);
+    counted like read_table unless told it is the same file again."""
+    _opened[0] += count
+    if url := in_store(path):
+        from . import storage
+
+        return storage.read_ranges(url, spans)
+    with open(path, "rb") as f:
+        out = []
+        for offset, length in spans:
+            f.seek(offset)
+            out.append(f.read(length))
+        return out
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A whole (small) run file: a marker, a manifest, a JSON side file."""
+    if url := in_store(path):
+        from . import storage
+
+        return storage.read_bytes(url)
+    return Path(path).read_bytes()
 
 
 def read_table(path: str | os.PathLike, **kwargs) -> pa.Table:
     """pyarrow.parquet.read_table, counted: every stage reads its inputs through here, so a task's
     marker can say how many files it opened (see io_counters)."""
     _opened[0] += 1
+    if url := in_store(path):
+        from . import storage
+
+        fs, key = storage.arrow_filesystem(url)
+        return pq.read_table(key, filesystem=fs, **kwargs)
     return pq.read_table(path, **kwargs)
 
 
 def parquet_file(path: str | os.PathLike) -> pq.ParquetFile:
     """pyarrow.parquet.ParquetFile, counted like read_table: for reading a file in row groups."""
     _opened[0] += 1
+    if url := in_store(path):
+        from . import storage
+
+        return pq.ParquetFile(storage.open_input(url))
     return pq.ParquetFile(path)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    if url := in_store(path):
+        from . import storage
+
+        return storage.exists(url)
+    return os.path.exists(path)
+
+
+def glob(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """The run files in `folder` matching `pattern`, sorted, as (staging) paths."""
+    if url := in_store(folder):
+        from . import storage
+
+        return [Path(folder) / u.rsplit("/", 1)[1] for u in storage.glob(url.rstrip("/") + "/" + pattern)]
+    return sorted(Path(folder).glob(pattern))
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a run file (in its store too); a missing one is fine."""
+    if url := in_store(path):
+        from . import storage
+
+        storage.remove(url)
+    Path(path).unlink(missing_ok=True)
+
+
+def remove_tree(folder: str | os.PathLike) -> None:
+    """Delete a folder of run files (in its store too); a missing one is fine."""
+    import shutil
+
+    if url := in_store(folder):
+        from . import storage
+
+        storage.remove(url, recursive=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def duckdb_paths(con, paths: list[str]) -> list[str]:
+    """`paths` as DuckDB should read them in `con`: through the store's filesystem (registered on
+    `con`; DuckDB takes an fsspec filesystem as it is) where they are in one."""
+    urls = [location(p) for p in paths]
+    from . import storage
+
+    for url in urls:
+        if storage.is_object_url(url):
+            storage.register_with_duckdb(con, url)
+            break
+    return urls
 
 
 _opened = [0]
@@ -161,6 +286,15 @@ class Run:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.dir = recipe.run_dir
+        # In a store: `dir` is the local staging folder, `store` the run folder's URL.
+        self.store = recipe.run_store
+        if self.store:
+            use_store(self.dir, self.store)
+
+    @property
+    def place(self) -> str:
+        """Where the run folder is, for people: its URL in a store, or its path."""
+        return self.store or str(self.dir)
 
     def stage_dir(self, stage: str) -> Path:
         return self.dir / stage
@@ -170,7 +304,7 @@ class Run:
 
     def read_marker(self, stage: str, key: str) -> dict | None:
         try:
-            return json.loads(self.marker_path(stage, key).read_text())
+            return json.loads(read_bytes(self.marker_path(stage, key)))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
