@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from wit_builder import storage
 from wit_builder.errors import WitError
 from wit_builder.ids import fingerprint
 from wit_builder.runner import (Manifest, Stage, Task, combined_fingerprint, completed, partition_entry,
@@ -376,43 +377,44 @@ def decide_part(status: str, matched: str, decisions: str, part: int, outputs: d
 # --- evaluation sets ------------------------------------------------------------------------------
 
 
-def fashion_mnist_pixels(folder: Path) -> np.ndarray:
+def fashion_mnist_pixels(folder: str) -> np.ndarray:
     """Debian's dataset-fashion-mnist: the idx files of both splits, as (n, 28, 28) uint8."""
     arrays = []
     for split in ("train", "t10k"):
-        path = folder / f"{split}-images-idx3-ubyte.gz"
-        if not path.exists():
-            raise WitError("no Fashion-MNIST here (apt-get install dataset-fashion-mnist)", where=str(path))
-        data = gzip.decompress(path.read_bytes())
+        path = folder.rstrip("/") + f"/{split}-images-idx3-ubyte.gz"
+        try:
+            data = gzip.decompress(storage.read_file(path))
+        except FileNotFoundError:
+            raise WitError("no Fashion-MNIST here (apt-get install dataset-fashion-mnist)", where=path) from None
         arrays.append(np.frombuffer(data, np.uint8, offset=16).reshape(-1, 28, 28))
     return np.concatenate(arrays)
 
 
 def eval_hashes(kind: str, path: str) -> tuple[np.ndarray, list[str]]:
-    """(pHashes, ids) of an evaluation set: an image folder, WebDataset tars, or Fashion-MNIST."""
+    """(pHashes, ids) of an evaluation set: an image folder, WebDataset tars, or Fashion-MNIST; on
+    disk or under a prefix in a store."""
     from PIL import Image
 
-    p = Path(path)
     if kind == "fashion-mnist":
-        pixels = fashion_mnist_pixels(p)
+        pixels = fashion_mnist_pixels(path)
         small = np.stack([np.asarray(Image.fromarray(x).resize((SIDE, SIDE), Image.Resampling.LANCZOS))
                           for x in pixels])
         return phash_pixels(small), [f"train:{i}" if i < 60_000 else f"test:{i - 60_000}"
                                      for i in range(len(pixels))]
     blobs, ids = [], []
+    files = storage.files_under(path)
     if kind == "folder":
-        for f in sorted(p.rglob("*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                blobs.append(f.read_bytes())
-                ids.append(str(f.relative_to(p)))
+        for f in files:
+            if Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                blobs.append(storage.read_file(f))
+                ids.append(f.removeprefix(path.rstrip("/") + "/"))
     elif kind == "webdataset":
-        tars = sorted(p.glob("*.tar")) if p.is_dir() else [p]
-        for t in tars:
-            with tarfile.open(t) as tf:
+        for t in (f for f in files if f.endswith(".tar")):
+            with storage.open_input(t) as raw, tarfile.open(fileobj=raw) as tf:
                 for member in tf:
                     if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
                         blobs.append(tf.extractfile(member).read())
-                        ids.append(f"{t.name}:{member.name}")
+                        ids.append(f"{Path(t).name}:{member.name}")
     if not blobs:
         raise WitError(f"no images in this {kind} evaluation set", where=path)
     hashes, ok = phash_bytes(blobs)
@@ -436,9 +438,7 @@ class DedupStage(Stage):
         eval_sets = [{"name": e.name, "kind": e.kind, "path": str(run.recipe.path(e.path))} for e in d.eval_sets]
         identities = []
         for e in eval_sets:
-            p = Path(e["path"])
-            files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-            identities.append([file_identity(f) for f in files if f.exists()])
+            identities.append([file_identity(f) for f in storage.files_under(e["path"]) if storage.is_file(f)])
         settings = {"version": VERSION, "radius": d.radius, "r": r, "buckets": buckets}
         namespace = fingerprint({**settings, "upstream": up.fingerprint, "eval": eval_sets,
                                  "eval_files": identities})[:12]

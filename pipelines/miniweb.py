@@ -74,9 +74,11 @@ def load_captures(warcs: list[str]) -> dict[tuple[str, str], tuple[int, list, by
     """(host, path?query) -> (status, headers, body) for every HTTP response in the WARCs."""
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
+    from wit_builder import storage
+
     captures = {}
     for warc in warcs:
-        with open(warc, "rb") as f:
+        with storage.open_input(warc) as f:
             try:
                 for record in ArchiveIterator(f, record_types=WarcRecordType.response):
                     uri = (record.headers.get("WARC-Target-URI") or "").strip("<> ")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import html
+import io
 import logging
 import re
 from html.entities import html5
@@ -18,9 +20,12 @@ from wit_builder.errors import WitError
 log = logging.getLogger("wit")
 
 
-def _open_text(path: Path):
-    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)
-    return opener(path, "rt", encoding="utf-8", errors="strict", newline="")
+@contextlib.contextmanager
+def _open_text(path: str):
+    """A text file (plain, .gz or .bz2), local or in a store, read as strict UTF-8."""
+    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(Path(path).suffix)
+    with storage.open_input(path) as raw, (opener(raw) if opener else contextlib.nullcontext(raw)) as data:
+        yield io.TextIOWrapper(data, encoding="utf-8", errors="strict", newline="")
 
 
 def is_clean_word(word: str) -> bool:
@@ -67,9 +72,9 @@ def read_unigram_table(path: str | Path) -> dict[str, int]:
     """`word;count` or `word<TAB>count` lines (plain, .gz or .bz2). Entities are decoded (`r&amp;b`
     counts as `r&b`); empty words, tokenizer artifacts (see `is_clean_word`) and markup (see
     `is_markup`) are dropped; a malformed line is skipped with a warning that names it."""
-    path = Path(path)
-    if not path.is_file():
-        raise WitError("unigram count table not found", where=str(path))
+    path = str(path)
+    if not storage.is_file(path):
+        raise WitError("unigram count table not found", where=path)
     counts: dict[str, int] = {}
     bad: list[int] = []
     lineno = 0

@@ -4,6 +4,7 @@ own) and the same s3fs client code users run; nothing is mocked."""
 from __future__ import annotations
 
 import json
+import re
 
 import fsspec
 import pyarrow.csv as pacsv
@@ -11,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import tomli_w
 
-from conftest import REPO, needs_fashion, wit
+from conftest import REPO, needs_fashion, needs_wordnet, wit
 from trainer import data, fashion
 from wit_builder.errors import WitError
 from wit_builder.storage import LocalS3, forget_clients, identity
@@ -202,6 +203,11 @@ def test_a_run_in_s3_gives_the_local_runs_shards_byte_for_byte(corpus_recipes):
     assert left and left <= {"lock", "wit.log"} | {p.name for p in staging.rglob("_robots/*/*")}, left
     again = wit("run", recipe).stderr
     assert "shards: complete" in again and "dedup: complete" in again
+    # Carried on from another machine (another staging folder), or by its URL: nothing to redo.
+    elsewhere = recipe.with_name("elsewhere.toml")
+    elsewhere.write_text(recipe.read_text().replace(str(staging), str(staging.parent / "other-machine")))
+    for rerun in (wit("run", elsewhere).stderr, wit("run", url).stderr):
+        assert "shards: complete" in rerun and set(re.findall(r"(\d+) to run", rerun)) <= {"0"}, rerun
     # The run folder in the bucket is a run: wit sql, status, stats and report read it there.
     ours = json.loads(wit("sql", url, "SELECT count(*) AS n, sum(len(query_ids)) AS q FROM shards", "--json").stdout)
     theirs = json.loads(wit("sql", run_dir, "SELECT count(*) AS n, sum(len(query_ids)) AS q FROM shards", "--json").stdout)
@@ -282,3 +288,124 @@ def test_a_two_node_ray_cluster_on_a_run_in_s3_gives_the_same_shards(corpus_reci
     for name in ("shards/000000.tar", "shards/sizes.json", "shards/shards.parquet"):
         assert stored[name] == (run_dir / name).read_bytes(), name
     assert not [p for p in staging.rglob("*.parquet")], "a run file stayed on a node"
+
+
+def test_a_run_root_in_a_store_that_fails_is_one_clear_error(s3, tmp_path, monkeypatch):
+    """A wrong bucket, no credentials, an unreachable endpoint: one line naming the URL, for `wit run`
+    and for the commands that read a run by its URL."""
+    (tmp_path / "words.txt").write_text("a;1000\n")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(tomli_w.dumps({"run": {"name": "t", "root": "s3://no-such-bucket/runs",
+                                             "staging": str(tmp_path / "staging")},
+                                     "queries": {"unigram_counts": str(tmp_path / "words.txt"), "wordnet": ""}}))
+    url = "s3://no-such-bucket/runs/t"
+    cases = [({}, "not found: no such bucket"),
+             ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+               "AWS_CONFIG_FILE": "/nonexistent"}, "no credentials: set AWS_ACCESS_KEY_ID"),
+             ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}, "cannot reach the store's endpoint")]
+    for env, error in cases:
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.delenv(k) if v is None else m.setenv(k, v)
+            ran = wit("run", recipe, check=False)
+            assert ran.returncode == 2 and f"error: {url}/recipe.toml: {error}" in ran.stderr, ran.stderr
+            if env:
+                asked = wit("sql", url, "SELECT 1", check=False)
+                assert asked.returncode == 2 and f"error: {url}/recipe.toml: {error}" in asked.stderr, asked.stderr
+    asked = wit("sql", url, "SELECT 1", check=False)
+    assert asked.returncode == 2 and f"error: {url}: no run here" in asked.stderr
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_tables_eval_sets_and_replay_warcs_read_from_s3_like_local_ones(s3, tmp_path):
+    """The remaining recipe inputs: a unigram count table, evaluation sets (an image folder,
+    WebDataset tars, Fashion-MNIST's files) and the replay WARCs, each read from a bucket give what
+    the same files on disk give."""
+    import gzip
+    import tarfile
+
+    from conftest import FASHION
+    from pipelines.dedup import eval_hashes
+    from pipelines.miniweb import load_captures
+    from queries.tables import read_unigram_table
+
+    fs = fsspec.filesystem("s3")
+    bucket = s3.bucket("wit-more-inputs")
+    table = tmp_path / "counts.txt.gz"
+    table.write_bytes(gzip.compress("cat;500\ndog\t300\nr&amp;b;200\nbroken line\n".encode()))
+    fs.put_file(str(table), f"{bucket}/counts.txt.gz")
+    assert read_unigram_table(f"{bucket}/counts.txt.gz") == read_unigram_table(table) == {"cat": 500, "dog": 300, "r&b": 200}
+
+    folder = tmp_path / "eval" / "photos"
+    (folder / "sub").mkdir(parents=True)
+    fashion.build(tmp_path / "wds", per_shard=50, limit=100)
+    tars = sorted((tmp_path / "wds").glob("test-*.tar"))
+    with tarfile.open(tars[0]) as tf:
+        images = [tf.extractfile(m).read() for m in tf if m.name.endswith(".png")][:3]
+    for i, image in enumerate(images):
+        (folder / ("sub" if i else "") / f"{i}.png").write_bytes(image)
+    fs.put(f"{folder}/", f"{bucket}/photos/", recursive=True)
+    for t in (tmp_path / "wds").glob("*.tar"):
+        fs.put_file(str(t), f"{bucket}/wds/{t.name}")
+    for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        fs.put_file(str(FASHION / name), f"{bucket}/fashion/{name}")
+    for kind, local, url in (("folder", folder, f"{bucket}/photos"), ("webdataset", tmp_path / "wds", f"{bucket}/wds"),
+                             ("fashion-mnist", FASHION, f"{bucket}/fashion")):
+        (h1, ids1), (h2, ids2) = eval_hashes(kind, str(local)), eval_hashes(kind, url)
+        assert list(h1) == list(h2) and ids1 == ids2 and len(ids1) >= 3, kind
+    assert eval_hashes("folder", f"{bucket}/photos")[1] == ["0.png", "sub/1.png", "sub/2.png"]
+
+    warc = REPO / "data/warc/aut-example-2008.warc.gz"
+    fs.put_file(str(warc), f"{bucket}/{warc.name}")
+    captures = load_captures([f"{bucket}/{warc.name}"])
+    assert captures == load_captures([str(warc)]) and len(captures) > 100
+
+
+def test_a_shuffle_in_s3_reads_each_bucket_like_on_disk(s3, tmp_path, monkeypatch):
+    """Map files uploaded to the store, then each bucket read back by ranged GETs: the same records
+    as on disk, including a map that had no rows (an empty index row, which S3 cannot serve as a range)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from wit_builder import shuffle, workspace
+
+    monkeypatch.setattr(workspace, "_stores", {})
+    schema = pa.schema([("key", pa.int64()), ("text", pa.string())])
+    maps = {"000000": pa.table({"key": np.arange(100), "text": [f"t{i}" for i in range(100)]}, schema=schema),
+            "000001": None,  # a map that wrote nothing (no chunk at all)
+            "000002": pa.table({"key": np.arange(100, 130), "text": ["x"] * 30}, schema=schema)}
+    staging = tmp_path / "staging"
+    workspace.use_store(staging, s3.bucket("wit-shuffle") + "/run")
+    for folder in (tmp_path / "local", staging / "shuffle"):
+        for name, table in maps.items():
+            with shuffle.bucket_writer(folder, name, 4, compression="lz4") as write:
+                if table is not None:
+                    write(table, table.column("key").to_numpy() % 4)
+    assert not list(staging.rglob("*.arrow"))  # uploaded, not kept
+    for b in range(4):
+        ours, theirs = shuffle.read_bucket(staging / "shuffle", b, schema), shuffle.read_bucket(tmp_path / "local", b, schema)
+        assert ours.equals(theirs) and ours.num_rows == (33 if b < 2 else 32)
+
+
+@pytest.mark.slow
+@needs_wordnet
+@needs_fashion
+@pytest.mark.skipif(not (REPO / "runs/stamps/stamps.warc.gz").exists(), reason="the stamps are made by make setup")
+def test_the_demo_with_its_run_folder_in_s3_gives_the_same_shards(s3, tmp_path):
+    """`pipelines/demo.toml` end to end, once on disk and once with `run.root` in the bucket: every
+    shard, sizes.json, wids.json and shards.parquet byte for byte."""
+    import tomllib
+
+    from wit_builder.recipe import load_recipe
+
+    resolved = tomllib.loads(load_recipe(REPO / "pipelines/demo.toml").resolved_toml())  # absolute inputs
+    bucket = s3.bucket("wit-demo")
+    for name, run in (("local", {"root": str(tmp_path / "runs")}),
+                      ("in-s3", {"root": f"{bucket}/runs", "staging": str(tmp_path / "staging")})):
+        (tmp_path / f"{name}.toml").write_text(tomli_w.dumps({**resolved, "run": {**resolved["run"], **run}}))
+        wit("run", tmp_path / f"{name}.toml")
+    stored = {k: v for k, v in store_files(f"{bucket}/runs/demo").items() if k.startswith("shards/") and "/_" not in k}
+    local = {f"shards/{p.name}": p.read_bytes() for p in (tmp_path / "runs/demo/shards").iterdir() if p.is_file()}
+    assert len(local) > 40 and {"shards/sizes.json", "shards/shards.parquet"} <= set(local)
+    assert stored.keys() == local.keys() and all(stored[k] == local[k] for k in local)

@@ -25,6 +25,7 @@ from conftest import REPO, wit
 from pipelines.candidates import plan_input, read_list
 from pipelines.neardup import brute_force_pairs
 from pipelines.phash import phash_bytes
+from wit_builder.runner import in_run
 
 sys.path.insert(0, str(REPO / "bench"))
 import synthetic  # noqa: E402
@@ -252,12 +253,17 @@ def test_the_same_corpus_as_4_and_as_64_partitions(tmp_path):
     assert files_per_step[4] == files_per_step[64]
 
 
+def manifest_of(run_dir: Path, stage: str) -> dict:
+    """A stage's manifest, its run files named by their paths (a manifest names them `$RUN/...`)."""
+    return in_run(run_dir, json.loads((run_dir / "_state" / stage / "_manifest.json").read_text()))
+
+
 def reference_dedup(run_dir: Path, radius: int, eval_hashes: np.ndarray) -> dict:
     """The obviously correct quadratic reference for every image's decision."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    manifest = json.loads((run_dir / "_state/download/_manifest.json").read_text())
+    manifest = manifest_of(run_dir, "download")
     rows = []
     for part, entry in enumerate(manifest["partitions"]):
         status = pq.read_table(entry["files"]["status"]).to_pylist()
@@ -308,7 +314,7 @@ def test_dedup_decisions_equal_a_brute_force_reference(tmp_path):
         "buckets": 3, "radius": 4, "eval_sets": [{"name": "eval", "kind": "folder", "path": str(evals)}]})
     run_dir = tmp_path / "bf"
     # Plant evaluation overlaps (at 0 to 3 bits) and a pile of identical hashes in the corpus.
-    status_path = json.loads((run_dir / "_state/download/_manifest.json").read_text())["partitions"][2]["files"]["status"]
+    status_path = manifest_of(run_dir, "download")["partitions"][2]["files"]["status"]
     status = pq.read_table(status_path)
     ph = status.column("phash").to_numpy().copy()
     for i, h in enumerate(eval_hashes):
@@ -318,7 +324,7 @@ def test_dedup_decisions_equal_a_brute_force_reference(tmp_path):
                    status_path)
     wit("run", recipe, "--stage", "dedup")
     expected = reference_dedup(run_dir, 4, eval_hashes)
-    manifest = json.loads((run_dir / "_state/dedup/_manifest.json").read_text())
+    manifest = manifest_of(run_dir, "dedup")
     got = {(part, r["uid"]): (r["keep"], r["dup_of"], r["reason"], r["distance"])
            for part, entry in enumerate(manifest["partitions"])
            for r in pq.read_table(entry["files"]["dedup"]).to_pylist()}

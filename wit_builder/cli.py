@@ -47,16 +47,14 @@ def _setup_logging(run_dir: Path | None, verbose: bool) -> None:
 def _recipe_of(run: str, overrides: dict | None = None):
     """The recipe of a run folder (its saved recipe.toml, run where the folder is now: a copied or
     moved run carries on in its new place) or of a recipe file."""
-    from .recipe import load_recipe
-
     from . import storage
+    from .recipe import load_recipe
 
     if storage.is_object_url(str(run)):  # a run folder in a store: its saved recipe, run there
         url = str(run).rstrip("/")
-        try:
-            recipe = load_recipe(url + "/recipe.toml", overrides)
-        except WitError:
-            raise WitError("no run here: expected a run folder with recipe.toml", where=url) from None
+        if not storage.exists(url + "/recipe.toml"):  # a store's own trouble is named here
+            raise WitError("no run here: expected a run folder with recipe.toml", where=url)
+        recipe = load_recipe(url + "/recipe.toml", overrides)
         root, _, name = url.rpartition("/")
         return recipe.model_copy(update={"run": recipe.run.model_copy(update={"root": root, "name": name})})
     path = Path(run)
@@ -164,11 +162,9 @@ def why_empty(run_dir: Path) -> str:
 
 
 def cmd_status(args) -> int:
-
+    from . import workspace
     from .runner import is_complete, read_manifest
     from .sql import STAGE_VIEWS, VIEWS
-
-    from . import workspace
 
     run = _load_run(args.run)
     print(f"run {run.place}")
@@ -241,10 +237,9 @@ def cmd_stats(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import write_report
-
-    run = _load_run(args.run)
     from .workspace import location
 
+    run = _load_run(args.run)
     path = write_report(run.dir, Path(args.output) if args.output else None)
     print(f"report: {location(path)}")
     return 0

@@ -295,7 +295,12 @@ class Recipe(_Section):
         if "dedup" in stages:
             for e in self.dedup.eval_sets:
                 path = self.path(e.path)
-                if not path.exists():
+                try:
+                    found = storage.exists(path) if storage.is_object_url(str(path)) else path.exists()
+                except WitError as err:
+                    problems.append(f"dedup.eval_sets {e.name}: {err}")
+                    continue
+                if not found:
                     problems.append(f"dedup.eval_sets {e.name}: {path}: not found")
         return problems
 

@@ -29,9 +29,9 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
+from . import workspace
 from .errors import WitError
 from .ids import fingerprint
-from . import workspace
 from .workspace import Run, atomic_write_bytes, io_counters, write_marker
 
 log = logging.getLogger("wit")
@@ -117,10 +117,12 @@ class Manifest:
     # Intermediate folders (shuffle buckets) deleted once the manifest is written.
     scratch: list[str] = field(default_factory=list)
 
-    def to_json(self) -> bytes:
+    def to_json(self, run_dir: Path) -> bytes:
+        """The manifest's file, naming run files relative to the run folder (`$RUN/...`): a run
+        carried on from another place (another disk, another machine's staging folder) reads it."""
         body = {"stage": self.stage, "fingerprint": self.fingerprint, "outputs": self.outputs,
                 "partitions": self.partitions, "plan": self.plan}
-        return json.dumps(body, indent=1, sort_keys=True).encode()
+        return json.dumps(within(run_dir, body, RUN_FOLDER), indent=1, sort_keys=True).encode()
 
     def files(self) -> list[str]:
         found = []
@@ -137,7 +139,7 @@ def manifest_path(run: Run, stage: str) -> Path:
 def read_manifest(run: Run, stage: str, needed_by: str = "") -> Manifest:
     """The completed manifest of `stage`; a clear error when that stage has not completed yet."""
     try:
-        body = json.loads(workspace.read_bytes(manifest_path(run, stage)))
+        body = in_run(run.dir, json.loads(workspace.read_bytes(manifest_path(run, stage))))
     except (FileNotFoundError, ValueError):
         raise WitError(f"the {stage} stage has not completed yet: run it first "
                        f"(wit run RECIPE --stage {stage})", where=f"stage {needed_by or stage}") from None
@@ -446,7 +448,7 @@ def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
         # Output paths enter relative to the run folder: a moved or copied run keeps its fingerprints.
         manifest.fingerprint = fingerprint([p["fingerprint"] for p in manifest.partitions]
                                            + [within(run.dir, manifest.outputs)])
-    atomic_write_bytes(manifest_path(run, stage.name), manifest.to_json())
+    atomic_write_bytes(manifest_path(run, stage.name), manifest.to_json(run.dir))
     for folder in manifest.scratch:
         workspace.remove_tree(folder)
     if removed := remove_stale_outputs(outputs):
@@ -454,15 +456,31 @@ def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
     return counts or {"partitions": 0, "ran": 0, "skipped": 0}
 
 
-def within(folder: Path, value):
-    """`value` (a path, or lists and dicts of them) with paths under `folder` made relative to it."""
+RUN_FOLDER = "$RUN/"  # how a manifest spells the run folder
+
+
+def within(folder: Path, value, mark: str = ""):
+    """`value` (a path, or lists and dicts of them) with paths under `folder` made relative to it
+    (and starting with `mark`)."""
     prefix = str(folder).rstrip("/") + "/"
     if isinstance(value, str):
-        return value.removeprefix(prefix)
+        return mark + value.removeprefix(prefix) if value.startswith(prefix) else value
     if isinstance(value, list):
-        return [within(folder, v) for v in value]
+        return [within(folder, v, mark) for v in value]
     if isinstance(value, dict):
-        return {k: within(folder, v) for k, v in value.items()}
+        return {k: within(folder, v, mark) for k, v in value.items()}
+    return value
+
+
+def in_run(folder: Path, value):
+    """The reverse of `within(folder, value, RUN_FOLDER)`: paths made absolute again, under `folder`
+    wherever the run folder now is."""
+    if isinstance(value, str):
+        return str(folder) + "/" + value.removeprefix(RUN_FOLDER) if value.startswith(RUN_FOLDER) else value
+    if isinstance(value, list):
+        return [in_run(folder, v) for v in value]
+    if isinstance(value, dict):
+        return {k: in_run(folder, v) for k, v in value.items()}
     return value
 
 

@@ -164,6 +164,22 @@ def open_input(path: str):
         return fs.open(key, "rb", block_size=READ_BLOCK, cache_type="readahead")
 
 
+def files_under(path: str) -> list[str]:
+    """A file, or every file under a folder (a prefix in a store), sorted; a local path or a URL."""
+    if not is_object_url(path):
+        p = Path(path)
+        return sorted(str(f) for f in p.rglob("*") if f.is_file()) if p.is_dir() else [str(p)]
+    fs, key = filesystem(path)
+    with errors_named(path):
+        fs.invalidate_cache()
+        return as_urls(path, fs.find(key)) if fs.isdir(key) else [path]
+
+
+def read_file(path: str) -> bytes:
+    """A whole local file or object."""
+    return read_bytes(path) if is_object_url(path) else Path(path).read_bytes()
+
+
 def read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
     """An object's bytes (or bytes [start, end), one ranged GET). A missing object raises
     FileNotFoundError, for the caller to say what its absence means."""
@@ -177,15 +193,19 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None) -> by
 
 
 def read_ranges(url: str, spans: list[tuple[int, int]]) -> list[bytes]:
-    """The bytes of each (offset, length) span of an object: ranged GETs, issued together."""
+    """The bytes of each (offset, length) span of an object: ranged GETs, issued together (an empty
+    span asks for nothing: S3 refuses an empty range)."""
     fs, path = filesystem(url)
+    asked = [(o, n) for o, n in spans if n > 0]
     with errors_named(url):
-        return fs.cat_ranges([path] * len(spans), [o for o, _ in spans], [o + n for o, n in spans])
+        got = iter(fs.cat_ranges([path] * len(asked), [o for o, _ in asked], [o + n for o, n in asked],
+                                 on_error="raise") if asked else [])
+    return [next(got) if n > 0 else b"" for _, n in spans]
 
 
 def upload(local: str | os.PathLike, url: str) -> None:
-    """Put a local file at `url` (in parts, in parallel, for a large one): the object appears whole
-    when the put completes, or not at all."""
+    """Put a local file at `url` (a multipart upload for a large one): the object appears whole when
+    the put completes, or not at all."""
     fs, path = filesystem(url)
     with errors_named(url):
         fs.put_file(str(local), path)

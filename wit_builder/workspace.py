@@ -4,9 +4,9 @@ Layout (see README): runs/<name>/recipe.toml, one folder per stage, and _state/<
 markers. A marker is written last, after every output of its partition has been renamed into place,
 so a partition with a marker is complete and one without it is redone.
 
-A run folder can live in an object store (`run.root = "s3://..."`). Its files are then written in a
-local staging folder at the same relative place, each uploaded as soon as it is complete and the
-local copy removed; every read of a run file goes to the store. An object appears whole or not at
+A run folder can live in an object store (`run.root = "s3://..."`). Its files are then written under
+temporary names in a local staging folder at the same relative place, each uploaded as soon as it is
+complete and its local copy removed; every read of a run file goes to the store. An object appears whole or not at
 all, so the same order (outputs first, the marker last) keeps its meaning without a rename, and no
 node reads another node's disk. Only work in progress (`LOCAL_ONLY`) stays on the node that does it.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .recipe import Recipe
 
 
@@ -70,8 +71,6 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield tmp
         if url:  # the store keeps it: the staged copy needs no fsync and no rename
-            from . import storage
-
             storage.upload(tmp, url)
             return
         with open(tmp, "rb+") as f:
@@ -109,8 +108,6 @@ def read_ranges(path: str | os.PathLike, spans: list[tuple[int, int]], count: bo
     counted like read_table unless told it is the same file again."""
     _opened[0] += count
     if url := in_store(path):
-        from . import storage
-
         return storage.read_ranges(url, spans)
     with open(path, "rb") as f:
         out = []
@@ -123,8 +120,6 @@ def read_ranges(path: str | os.PathLike, spans: list[tuple[int, int]], count: bo
 def read_bytes(path: str | os.PathLike) -> bytes:
     """A whole (small) run file: a marker, a manifest, a JSON side file."""
     if url := in_store(path):
-        from . import storage
-
         return storage.read_bytes(url)
     return Path(path).read_bytes()
 
@@ -134,8 +129,6 @@ def read_table(path: str | os.PathLike, **kwargs) -> pa.Table:
     marker can say how many files it opened (see io_counters)."""
     _opened[0] += 1
     if url := in_store(path):
-        from . import storage
-
         fs, key = storage.arrow_filesystem(url)
         return pq.read_table(key, filesystem=fs, **kwargs)
     return pq.read_table(path, **kwargs)
@@ -145,25 +138,13 @@ def parquet_file(path: str | os.PathLike) -> pq.ParquetFile:
     """pyarrow.parquet.ParquetFile, counted like read_table: for reading a file in row groups."""
     _opened[0] += 1
     if url := in_store(path):
-        from . import storage
-
         return pq.ParquetFile(storage.open_input(url))
     return pq.ParquetFile(path)
-
-
-def exists(path: str | os.PathLike) -> bool:
-    if url := in_store(path):
-        from . import storage
-
-        return storage.exists(url)
-    return os.path.exists(path)
 
 
 def glob(folder: str | os.PathLike, pattern: str) -> list[Path]:
     """The run files in `folder` matching `pattern`, sorted, as (staging) paths."""
     if url := in_store(folder):
-        from . import storage
-
         return [Path(folder) / u.rsplit("/", 1)[1] for u in storage.glob(url.rstrip("/") + "/" + pattern)]
     return sorted(Path(folder).glob(pattern))
 
@@ -171,8 +152,6 @@ def glob(folder: str | os.PathLike, pattern: str) -> list[Path]:
 def remove(path: str | os.PathLike) -> None:
     """Delete a run file (in its store too); a missing one is fine."""
     if url := in_store(path):
-        from . import storage
-
         storage.remove(url)
     Path(path).unlink(missing_ok=True)
 
@@ -182,8 +161,6 @@ def remove_tree(folder: str | os.PathLike) -> None:
     import shutil
 
     if url := in_store(folder):
-        from . import storage
-
         storage.remove(url, recursive=True)
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -192,8 +169,6 @@ def duckdb_paths(con, paths: list[str]) -> list[str]:
     """`paths` as DuckDB should read them in `con`: through the store's filesystem (registered on
     `con`; DuckDB takes an fsspec filesystem as it is) where they are in one."""
     urls = [location(p) for p in paths]
-    from . import storage
-
     for url in urls:
         if storage.is_object_url(url):
             storage.register_with_duckdb(con, url)
@@ -241,8 +216,6 @@ def io_counters():
 def file_identity(path: str | os.PathLike) -> dict:
     """What an input file contributes to a fingerprint: a changed file means recompute. An object in
     a store (s3://...) is known by its URL, ETag and size, the same from any machine."""
-    from . import storage
-
     if storage.is_object_url(str(path)):
         return storage.identity(str(path))
     st = os.stat(path)
