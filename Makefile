@@ -126,6 +126,7 @@ bench: setup
 	$(BIN)/python bench/stats.py
 	$(BIN)/python bench/train_data.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/upload.py
 
 clean:
 	rm -rf runs

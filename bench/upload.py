@@ -11,7 +11,6 @@ server on 127.0.0.1 (moto's, in a process of its own), alternately, same run.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile

@@ -15,6 +15,16 @@ def test_demo_recipe_loads_with_paths_relative_to_it():
     assert recipe.run.workers >= 1  # 0 means one per core
 
 
+def test_the_cluster_template_is_a_valid_recipe_with_everything_in_a_store():
+    from conftest import REPO
+
+    recipe = load_recipe(REPO / "pipelines/wit400m.toml")
+    assert recipe.run.executor == "ray" and recipe.run_store == "s3://YOUR-BUCKET/runs/wit400m"
+    inputs = [*recipe.queries.wikipedia, *recipe.queries.pageviews, *recipe.candidates.inputs]
+    assert inputs and all(i.startswith("s3://") for i in inputs)
+    assert recipe.balance.t == 20_000 and recipe.queries.size == 500_000
+
+
 def test_unknown_key_names_file_key_and_allowed_keys(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text('[run]\nname = "x"\n[queries]\nmin_cuont = 5\n')
