@@ -4,7 +4,7 @@ raw img2dataset through the egress proxy alone, so the overhead splits into the 
 the rest of the stage's. Each leg runs `--repeats` times, interleaved; medians are reported (the
 spread between runs on a shared machine is as large as the overhead).
 
-    .venv/bin/python bench/download.py [--samples N] [--threads 16 64] [--repeats 3] [--smoke]
+    .venv/bin/python bench/download.py [--samples N] [--threads 16 64] [--repeats 3] [--image photo] [--smoke]
 
 --smoke: 40 URLs, 8 threads, once (the test suite's check that it still runs).
 """
@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--threads", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--image", choices=["thumbnail", "photo"], default="thumbnail",
+                        help="what every URL serves: the archive's 7.5 KB 300x116 JPEG (the stage's worst "
+                             "case: its pHash is a large share of img2dataset's work), or a 640x480 photo")
     parser.add_argument("--smoke", action="store_true", help="--samples 40 --threads 8 --repeats 1")
     args = parser.parse_args()
     if args.smoke:
@@ -96,7 +99,7 @@ def main() -> None:
     # The server runs in its own process, as a remote one would.
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Queue()
-    server = ctx.Process(target=serve, args=(ready,), daemon=True)
+    server = ctx.Process(target=serve, args=(ready, args.image), daemon=True)
     server.start()
     host, port, size = ready.get(timeout=60)
     try:
@@ -123,8 +126,13 @@ def main() -> None:
         server.terminate()
 
 
-def serve(ready) -> None:
+def serve(ready, image: str = "thumbnail") -> None:
     with MiniWeb([REPO / "data/warc/aut-example-2008.warc.gz"]) as web:
+        if image == "photo":
+            sys.path.insert(0, str(REPO / "bench"))
+            from corpus import photos
+
+            web.sample_image = photos((640, 480), 1)[0]
         ready.put((*web.address, len(web.sample_image)))
         web.stop.wait()
 
