@@ -163,7 +163,7 @@ def why_empty(run_dir: Path) -> str:
 
 def cmd_status(args) -> int:
     from . import workspace
-    from .runner import is_complete, read_manifest
+    from .runner import read_manifest, read_markers
     from .sql import STAGE_VIEWS, VIEWS
 
     run = _load_run(args.run)
@@ -180,7 +180,7 @@ def cmd_status(args) -> int:
                 continue
             except StopIteration:
                 tasks = []
-            done = sum(is_complete(t) for t in tasks)
+            done = sum(m is not None for m in read_markers(tasks))
             line = f"  {name:<12} {done}/{len(tasks)} partitions done"
         view = STAGE_VIEWS.get(name)
         if view:

@@ -69,13 +69,20 @@ class Task:
         return fingerprint({"stage": self.stage, "key": self.key, "inputs": self.inputs})
 
 
-def read_marker(task: Task) -> dict | None:
+def read_markers(tasks: list[Task]) -> list[dict | None]:
+    """Each task's marker where the task is complete (its fingerprint matches and its outputs are in
+    place), else None; for a run in a store the markers are fetched together."""
+    bodies = workspace.read_many([t.marker for t in tasks])
+    return [valid_marker(t, bodies.get(t.marker)) for t in tasks]
+
+
+def valid_marker(task: Task, body: bytes | None) -> dict | None:
     try:
-        marker = json.loads(workspace.read_bytes(task.marker))
-    except (FileNotFoundError, ValueError):
+        marker = json.loads(body) if body is not None else None
+    except ValueError:
         return None
     outputs = task.outputs + ([task.receipt] if task.receipt else [])
-    if marker.get("fingerprint") != task.fingerprint or not all(in_place(p) for p in outputs):
+    if not marker or marker.get("fingerprint") != task.fingerprint or not all(in_place(p) for p in outputs):
         return None
     return marker
 
@@ -84,10 +91,6 @@ def in_place(path: str) -> bool:
     """Whether an output named by a marker is there. In a store the marker alone says so: it is put
     after its outputs, and checking each one would cost a request per file."""
     return bool(workspace.in_store(path)) or os.path.exists(path)
-
-
-def is_complete(task: Task) -> bool:
-    return read_marker(task) is not None
 
 
 def execute(task: Task) -> dict:
@@ -195,12 +198,10 @@ class Stage:
 
 def step_info(tasks: list[Task]) -> list[dict]:
     """The infos of a completed step's tasks, in task order (from their markers)."""
-    infos = []
-    for t in tasks:
-        marker = read_marker(t)
+    infos = read_markers(tasks)
+    for t, marker in zip(tasks, infos):
         if marker is None:
             raise WitError(f"task {t.key} has no valid marker after it ran", where=f"stage {t.stage}")
-        infos.append(marker)
     return infos
 
 
@@ -392,7 +393,7 @@ class LiveProgress:
 def run_step(stage: Stage, step: int, tasks: list[Task], executor, force: bool) -> dict:
     if removed := remove_stale_temporaries(tasks):
         log.info("%s: removed %d temporary files left by an interrupted run", stage.name, removed)
-    pending = [t for t in tasks if force or not is_complete(t)]
+    pending = tasks if force else [t for t, m in zip(tasks, read_markers(tasks)) if m is None]
     skipped = len(tasks) - len(pending)
     if force:
         for t in pending:

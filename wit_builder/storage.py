@@ -192,6 +192,16 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None) -> by
         raise WitError(problem(e), where=url) from None
 
 
+def read_many(urls: list[str]) -> dict[str, bytes]:
+    """The objects among `urls` that exist, by URL, fetched together (small ones: markers)."""
+    if not urls:
+        return {}
+    fs, _ = filesystem(urls[0])
+    keys = {filesystem(u)[1]: u for u in urls}
+    with errors_named(urls[0]):
+        return {keys[k]: data for k, data in fs.cat(list(keys), on_error="omit").items() if k in keys}
+
+
 def read_ranges(url: str, spans: list[tuple[int, int]]) -> list[bytes]:
     """The bytes of each (offset, length) span of an object: ranged GETs, issued together (an empty
     span asks for nothing: S3 refuses an empty range)."""

@@ -124,6 +124,21 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     return Path(path).read_bytes()
 
 
+def read_many(paths: list) -> dict[str, bytes]:
+    """The whole (small) run files among `paths` that exist, by path: in a store, fetched together,
+    so that checking a stage's markers costs one round of requests, not one request after another."""
+    found, urls = {}, {}
+    for p in map(str, paths):
+        if url := in_store(p):
+            urls[url] = p
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                found[p] = Path(p).read_bytes()
+    for url, data in storage.read_many(list(urls)).items():
+        found[urls[url]] = data
+    return found
+
+
 def read_table(path: str | os.PathLike, **kwargs) -> pa.Table:
     """pyarrow.parquet.read_table, counted: every stage reads its inputs through here, so a task's
     marker can say how many files it opened (see io_counters)."""
