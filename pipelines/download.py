@@ -27,6 +27,7 @@ import re
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -162,10 +163,10 @@ def output_to(path: Path):
             os.close(saved[1])
 
 
-def run_img2dataset(rows: pa.Table, folder: Path, s: dict, on_shard) -> list[Path]:
-    """One img2dataset pass over (uid, url, text) rows; returns its output shards. `on_shard(path)` is
-    called with each shard as soon as img2dataset has closed it (it writes the shard's stats file
-    after), so work on one shard overlaps the download of the next."""
+def run_img2dataset(rows: pa.Table, folder: Path, s: dict, on_shard) -> None:
+    """One img2dataset pass over (uid, url, text) rows. `on_shard(path)` is called with each output
+    shard, in order, as soon as img2dataset has closed it (it writes the shard's stats file after), so
+    work on one shard overlaps the download of the next."""
     import img2dataset
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -211,7 +212,6 @@ def run_img2dataset(rows: pa.Table, folder: Path, s: dict, on_shard) -> list[Pat
     expected = -(-rows.num_rows // s["samples_per_shard"])
     if len(shards) != expected:  # img2dataset does not raise when a shard fails
         raise RuntimeError(f"img2dataset wrote {len(shards)} of {expected} shards in {out}")
-    return shards
 
 
 def shard_hashes(path: str, column: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -340,8 +340,7 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
         web = MiniWeb(s["replay"])
     resumed = 0
     # Images stream out one img2dataset shard at a time, so memory stays at one shard's images
-    # however big the partition. Rows within a shard are put in input order: img2dataset writes
-    # them in the order its threads finish.
+    # however big the partition.
     position = {u: i for i, u in enumerate(uids)}
     hashing = ShardHashing(s["encode_format"])
     with web as mini, parquet_writer(outputs["images"], IMAGES_SCHEMA) as images:
@@ -362,13 +361,7 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
                         time.sleep(s["retry_delay_s"])
                     folder = Path(work) / f"pass-{attempt}"
                     resumed += len(list((folder / "out").glob("*_stats.json")))  # shards a killed run finished
-                    for path in run_img2dataset(pending, folder, s, hashing.submit):
-                        hashes, ok = hashing.result(path)
-                        shard = read_table(path).append_column("phash", pa.array(hashes)) \
-                                                .append_column("decodes", pa.array(ok))
-                        shard = shard.take(pa.array(np.argsort([position[u] for u in shard.column("uid").to_pylist()],
-                                                                kind="stable")))
-                        keep_image(shard, attempt, s["encode_format"], records, images)
+                    download_pass(pending, folder, s, attempt, hashing, position, records, images)
                     retry = [records.get(u, {}).get("reason") in RETRYABLE for u in pending.column("uid").to_pylist()]
                     pending = pending.filter(pa.array(retry, pa.bool_()))
 
@@ -385,6 +378,31 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
     for r in status_rows:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
     return {"samples": len(status_rows), "resumed_shards": resumed, **by_status}
+
+
+def download_pass(rows: pa.Table, folder: Path, s: dict, attempt: int, hashing: "ShardHashing",
+                  position: dict, records: dict, images) -> None:
+    """One img2dataset pass over `rows`. Each shard is finished (its hashes collected, its outcomes
+    recorded, its images written) by one thread while img2dataset downloads the next, in img2dataset's
+    order: what is left after the pass is its last shard, not the whole partition."""
+
+    def finish(path: Path) -> None:
+        hashes, ok = hashing.result(path)
+        shard = read_table(path).append_column("phash", pa.array(hashes)).append_column("decodes", pa.array(ok))
+        # img2dataset writes a shard's rows in the order its threads finish: put them in input order.
+        order = np.argsort([position[u] for u in shard.column("uid").to_pylist()], kind="stable")
+        keep_image(shard.take(pa.array(order)), attempt, s["encode_format"], records, images)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher:
+        finishing = []
+
+        def on_shard(path: Path) -> None:
+            hashing.submit(path)
+            finishing.append(finisher.submit(finish, path))
+
+        run_img2dataset(rows, folder, s, on_shard)
+        for f in finishing:
+            f.result()
 
 
 def keep_image(shard: pa.Table, attempt: int, encode_format: str, records: dict, images) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
-import queue
 import select
 import socket
 import socketserver
@@ -374,35 +373,55 @@ class _Connection(socketserver.BaseRequestHandler):
                 (upstream if src is client else client).sendall(data)
 
 
-class _PooledServer(socketserver.ThreadingTCPServer):
-    """Each connection on a pool of reused threads: starting a thread per connection cost about a
-    quarter of the proxy's CPU (bench/download.py at 64 threads). The pool grows while every thread is
-    busy, up to `threads`; beyond, connections wait their turn (a handler's deadline starts when it
-    runs). Daemon threads, as ThreadingHTTPServer's: a handler still waiting out its deadline on a
-    server that never answers must not hold up the process's exit (concurrent.futures' threads would)."""
+class _PooledServer(socketserver.TCPServer):
+    """Each connection on a pool of reused threads, each of which accepts its own next connection:
+    a thread per connection cost about a quarter of the proxy's CPU (bench/download.py at 64
+    threads), and handing each accepted connection from a serving thread to a pool thread cost
+    another context switch per request. The pool grows while every thread is busy, up to `threads`;
+    beyond, connections wait in the listening queue (a handler's deadline starts when it runs). Daemon
+    threads: a handler still waiting out its deadline on a server that never answers must not hold
+    up the process's exit."""
 
-    daemon_threads = True
+    request_queue_size = 1024  # img2dataset's threads connect all at once; a full queue drops SYNs
 
     def __init__(self, address, handler, threads: int = 256):
         super().__init__(address, handler)
         self.limit, self.started, self.idle = threads, 0, 0
         self.lock = threading.Lock()
-        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
 
-    def process_request(self, request, client_address) -> None:
+    def start(self) -> None:
         with self.lock:
-            if self.idle <= 0 and self.started < self.limit:
-                self.started += 1
-                threading.Thread(target=self._serve, name="egress", daemon=True).start()
-            self.idle -= 1  # this connection claims an idle thread (or waits for one)
-        self.waiting.put((request, client_address))
+            self._add_thread()
+
+    def _add_thread(self) -> None:  # with the lock held
+        self.started += 1
+        self.idle += 1
+        threading.Thread(target=self._serve, name="egress", daemon=True).start()
 
     def _serve(self) -> None:
         while True:
+            try:
+                request, client_address = self.socket.accept()
+            except OSError:  # the listening socket was shut down: the proxy is closing
+                return
+            with self.lock:
+                self.idle -= 1
+                if self.idle == 0 and self.started < self.limit:
+                    self._add_thread()
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
             with self.lock:
                 self.idle += 1
-            request, client_address = self.waiting.get()
-            self.process_request_thread(request, client_address)
+
+    def stop(self) -> None:
+        """Wake every thread blocked in accept (shutting a listening socket down does, on Linux)."""
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
+        self.server_close()
 
 
 class EgressProxy:
@@ -421,8 +440,6 @@ class EgressProxy:
                 self.answers[outcome] = self.answers.get(outcome, 0) + 1
 
         self.server.answered = answered
-        # shutdown() waits for the serving loop's next poll: a short one, as a partition's end waits on it.
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def url(self) -> str:
@@ -433,9 +450,8 @@ class EgressProxy:
         return dict(self.server.stats)
 
     def __enter__(self) -> "EgressProxy":
-        self.thread.start()
+        self.server.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
