@@ -246,6 +246,12 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(404, [("Content-Type", "text/plain")], b"no such fault\n")
 
 
+class _Server(ThreadingHTTPServer):
+    # A client's threads connect all at once (img2dataset's 64 at a time): with socketserver's
+    # listening queue of 5, the overflow's connections wait a second for the kernel to retry them.
+    request_queue_size = 1024
+
+
 class MiniWeb:
     """Use as a context manager: `with MiniWeb([warc]) as web: web.address`."""
 
@@ -256,7 +262,7 @@ class MiniWeb:
         self.hang_seconds = hang_seconds
         self.requests = 0
         self.stop = threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.web = self
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
