@@ -56,7 +56,7 @@ demo: setup
 
 ## test: the whole test suite (slow tests included)
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20  # the slowest tests, to keep the suite near 20 minutes
 
 ## test-fast: the suite without the slow end-to-end tests
 test-fast: setup
