@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-RECIPE ?= pipelines/demo.toml
+RECIPE ?= pipelines/recipes/demo.toml
 RUN_DIR = $(shell $(BIN)/python -c "from wit_builder.recipe import load_recipe; print(load_recipe('$(RECIPE)').run_dir)")
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -37,8 +37,8 @@ $(VENV)/.installed: pyproject.toml
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -q --no-install-recommends tuxpaint-stamps-default
 
-$(STAMPS)/held-out/caption-template.txt: pipelines/stamps.py | $(VENV)/.installed /usr/share/doc/tuxpaint-stamps-default/copyright
-	$(BIN)/python -m pipelines.stamps $(STAMPS)
+$(STAMPS)/held-out/caption-template.txt: pipelines/demo/stamps.py | $(VENV)/.installed /usr/share/doc/tuxpaint-stamps-default/copyright
+	$(BIN)/python -m pipelines.demo.stamps $(STAMPS)
 
 ## demo: run the demo recipe end to end and say where the result is
 demo: setup

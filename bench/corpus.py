@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines.sampling import keep_mask  # noqa: E402
-from pipelines.neardup import brute_force_pairs, near_duplicate_pairs  # noqa: E402
+from pipelines.dedup.neardup import brute_force_pairs, near_duplicate_pairs  # noqa: E402
 from pipelines.phash import phash_bytes  # noqa: E402
 from wit_builder.tar import write_samples, write_shard  # noqa: E402
 

@@ -31,9 +31,9 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.download import download_part, egress_environment, egress_policy, output_to  # noqa: E402
-from pipelines.egress import EgressProxy  # noqa: E402
-from pipelines.miniweb import MiniWeb  # noqa: E402
+from pipelines.download.stage import download_part, egress_environment, egress_policy, output_to  # noqa: E402
+from pipelines.download.egress import EgressProxy  # noqa: E402
+from pipelines.download.miniweb import MiniWeb  # noqa: E402
 from wit_builder.ids import uid  # noqa: E402
 from wit_builder.recipe import DownloadSettings  # noqa: E402
 

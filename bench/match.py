@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.candidates import extract  # noqa: E402
-from pipelines.matcher import QueryMatcher  # noqa: E402
+from pipelines.candidates.stage import extract  # noqa: E402
+from pipelines.match.matcher import QueryMatcher  # noqa: E402
 from queries.stage import build_query_list  # noqa: E402
 from wit_builder.recipe import QuerySettings  # noqa: E402
 

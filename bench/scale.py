@@ -130,7 +130,7 @@ def measure(recipe: str, planted: str, workers: int) -> dict:
     import pyarrow.compute as pc
 
     from pipelines.balance import BalanceStage
-    from pipelines.dedup import DedupStage
+    from pipelines.dedup.stage import DedupStage
     from pipelines.shard import ShardStage
     from wit_builder.recipe import load_recipe
     from wit_builder.runner import LocalExecutor, run_stage
@@ -286,7 +286,7 @@ def extrapolate(r: dict, a: argparse.Namespace) -> None:
 
 def extrapolate_layout(small: dict, big: dict, a: argparse.Namespace) -> None:
     """What does not show in time per sample: the one-task steps' memory, and the shuffles' file counts."""
-    from pipelines.dedup import RECORDS_PER_BUCKET
+    from pipelines.dedup.stage import RECORDS_PER_BUCKET
     from pipelines.shard import CHUNK_BYTES, shard_layout
 
     # A task's peak includes what its worker process kept from earlier tasks, so a step whose peak

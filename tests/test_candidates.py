@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, write_recipe
-from pipelines.candidates import CandidatesStage, extract as extract_part, largest_srcset
+from pipelines.candidates.html import largest_srcset
+from pipelines.candidates.stage import CandidatesStage, extract as extract_part
 from pipelines.urls import normalise_url
 from wit_builder.errors import WitError
 from wit_builder.recipe import load_recipe
@@ -50,7 +51,8 @@ def test_common_crawl_warc(tmp_path):
 def test_html_rules(tmp_path):
     from fastwarc.warc import WarcRecordType  # noqa: F401  (the reader's library, used below)
 
-    from pipelines.candidates import Collector, html_images
+    from pipelines.candidates.collector import Collector
+    from pipelines.candidates.html import html_images
 
     html = b"""<html><head><base href="http://cdn.example.com/img/"></head><body>
       <img src="a.jpg" alt="  A  red  fox ">
@@ -167,7 +169,8 @@ def test_stage_dedups_across_partitions_and_one_text_per_url(tmp_path):
 def test_pages_decode_by_their_declared_charset(body, charset):
     """As browsers do: the HTTP charset, else <meta charset>; a guess from a few bytes reads UTF-8
     punctuation as Windows-1252 ("knightâ€™s")."""
-    from pipelines.candidates import Collector, html_images
+    from pipelines.candidates.collector import Collector
+    from pipelines.candidates.html import html_images
 
     c = Collector()
     html_images(c, b"<html><body>" + body + b"</body></html>", "http://example.com/", "f:0", charset)

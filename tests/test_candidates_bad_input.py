@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.candidates import extract as extract_part, plan_input, read_list
+from pipelines.candidates.lists import plan_input, read_list
+from pipelines.candidates.stage import extract as extract_part
 
 
 def extract(tmp_path, path, kind, start=0, end=None):

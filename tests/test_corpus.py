@@ -19,8 +19,8 @@ from PIL import Image
 
 from conftest import REPO, wit
 from pipelines.sampling import keep_mask
-from pipelines.miniweb import MiniWeb
-from pipelines.neardup import blocks, brute_force_pairs, close_pairs, near_duplicate_pairs
+from pipelines.download.miniweb import MiniWeb
+from pipelines.dedup.neardup import blocks, brute_force_pairs, close_pairs, near_duplicate_pairs
 from pipelines.phash import flatten_on_white, has_alpha, phash_bytes
 from wit_builder.tar import safe_key
 from test_download import ARCHIVE, archive_images, make_run

@@ -17,7 +17,7 @@ import tomli_w
 from PIL import Image
 
 from conftest import REPO, wit
-from pipelines.miniweb import MiniWeb
+from pipelines.download.miniweb import MiniWeb
 
 ARCHIVE = REPO / "data" / "warc" / "aut-example-2008.warc.gz"
 FAULTS = REPO / "pipelines" / "demo" / "faults.csv"
@@ -120,8 +120,8 @@ def test_robots_txt_is_honoured_unless_the_recipe_turns_it_off(tmp_path):
 def test_robots_answers_are_kept_for_the_run_and_asked_again_after_a_day(tmp_path):
     """A second partition reads the kept answers instead of asking the site again; a server error is
     asked again; a kept answer older than a day (RFC 9309's limit) is fetched afresh."""
-    from pipelines import robots
-    from pipelines.egress import EgressProxy, Policy
+    from pipelines.download import robots
+    from pipelines.download.egress import EgressProxy, Policy
 
     urls = ["http://faults.wit.test/robots-disallowed/owl.jpg", "http://faults.wit.test/ok/fox.jpg",
             "http://robots-down.wit.test/down.jpg"]

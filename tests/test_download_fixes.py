@@ -18,9 +18,9 @@ import tomli_w
 from PIL import Image, ImageDraw
 
 from conftest import REPO, wit
-from pipelines.download import classify, opt_out_set, pre_refusal
-from pipelines.egress import EgressProxy, Policy
-from pipelines.miniweb import FAULT_HOST, MiniWeb
+from pipelines.download.stage import classify, opt_out_set, pre_refusal
+from pipelines.download.egress import EgressProxy, Policy
+from pipelines.download.miniweb import FAULT_HOST, MiniWeb
 from pipelines.phash import SIDE, hamming, phash_bytes, phash_pixels
 from pipelines.urls import normalise_url
 from wit_builder import stats

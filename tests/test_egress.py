@@ -12,8 +12,8 @@ import urllib.request
 import pytest
 
 from conftest import REPO
-from pipelines.egress import EgressProxy, Policy, address_problem
-from pipelines.miniweb import FAULT_HOST, REDIRECT_FORMS, REDIRECT_TARGETS, MiniWeb
+from pipelines.download.egress import EgressProxy, Policy, address_problem
+from pipelines.download.miniweb import FAULT_HOST, REDIRECT_FORMS, REDIRECT_TARGETS, MiniWeb
 
 ARCHIVE = REPO / "data" / "warc" / "aut-example-2008.warc.gz"
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.matcher import QueryMatcher
+from pipelines.match.matcher import QueryMatcher
 
 
 def reference_words(text: str, queries: list[str]) -> list[int]:
@@ -95,7 +95,7 @@ def test_nested_and_overlapping_queries_all_match():
 def test_real_captions_against_the_reference(tmp_path):
     """Real alt texts from the archive WARC against real query entries."""
     from conftest import REPO
-    from pipelines.candidates import extract
+    from pipelines.candidates.stage import extract
 
     outputs = {"candidates": str(tmp_path / "c.parquet"), "rejects": str(tmp_path / "r.parquet")}
     extract(str(REPO / "data/warc/aut-example-2008.warc.gz"), "warc", "url", "caption", outputs)

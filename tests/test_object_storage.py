@@ -326,8 +326,8 @@ def test_tables_eval_sets_and_replay_warcs_read_from_s3_like_local_ones(s3, tmp_
     import tarfile
 
     from conftest import FASHION
-    from pipelines.dedup import eval_hashes
-    from pipelines.miniweb import load_captures
+    from pipelines.dedup.stage import eval_hashes
+    from pipelines.download.miniweb import load_captures
     from queries.tables import read_unigram_table
 
     fs = fsspec.filesystem("s3")
@@ -393,13 +393,13 @@ def test_a_shuffle_in_s3_reads_each_bucket_like_on_disk(s3, tmp_path, monkeypatc
 @needs_fashion
 @pytest.mark.skipif(not (REPO / "runs/stamps/stamps.warc.gz").exists(), reason="the stamps are made by make setup")
 def test_the_demo_with_its_run_folder_in_s3_gives_the_same_shards(s3, tmp_path):
-    """`pipelines/demo.toml` end to end, once on disk and once with `run.root` in the bucket: every
+    """`pipelines/recipes/demo.toml` end to end, once on disk and once with `run.root` in the bucket: every
     shard, sizes.json, wids.json and shards.parquet byte for byte."""
     import tomllib
 
     from wit_builder.recipe import load_recipe
 
-    resolved = tomllib.loads(load_recipe(REPO / "pipelines/demo.toml").resolved_toml())  # absolute inputs
+    resolved = tomllib.loads(load_recipe(REPO / "pipelines/recipes/demo.toml").resolved_toml())  # absolute inputs
     bucket = s3.bucket("wit-demo")
     for name, run in (("local", {"root": str(tmp_path / "runs")}),
                       ("in-s3", {"root": f"{bucket}/runs", "staging": str(tmp_path / "staging")})):

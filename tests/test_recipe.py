@@ -3,7 +3,7 @@ import pytest
 from wit_builder.errors import WitError
 from wit_builder.recipe import load_recipe
 
-REPO_DEMO = "pipelines/demo.toml"
+REPO_DEMO = "pipelines/recipes/demo.toml"
 
 
 def test_demo_recipe_loads_with_paths_relative_to_it():
@@ -18,7 +18,7 @@ def test_demo_recipe_loads_with_paths_relative_to_it():
 def test_the_cluster_template_is_a_valid_recipe_with_everything_in_a_store():
     from conftest import REPO
 
-    recipe = load_recipe(REPO / "pipelines/wit400m.toml")
+    recipe = load_recipe(REPO / "pipelines/recipes/wit400m.toml")
     assert recipe.run.executor == "ray" and recipe.run_store == "s3://YOUR-BUCKET/runs/wit400m"
     inputs = [*recipe.queries.wikipedia, *recipe.queries.pageviews, *recipe.candidates.inputs]
     assert inputs and all(i.startswith("s3://") for i in inputs)

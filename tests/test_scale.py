@@ -22,8 +22,8 @@ import pytest
 import tomli_w
 
 from conftest import REPO, wit
-from pipelines.candidates import plan_input, read_list
-from pipelines.neardup import brute_force_pairs
+from pipelines.candidates.lists import plan_input, read_list
+from pipelines.dedup.neardup import brute_force_pairs
 from pipelines.phash import phash_bytes
 from wit_builder.runner import in_run
 

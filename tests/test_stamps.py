@@ -1,4 +1,4 @@
-"""Tux Paint's stamps as the demo's captioned web (pipelines/stamps.py), on the real package that
+"""Tux Paint's stamps as the demo's captioned web (pipelines/demo/stamps.py), on the real package that
 `make setup` installs."""
 
 import json
@@ -11,9 +11,10 @@ import pytest
 import tomli_w
 
 from conftest import REPO, wit
-from pipelines.candidates import Collector, read_warc
-from pipelines.miniweb import MiniWeb
-from pipelines.stamps import HOST, STAMPS, build, find_stamps
+from pipelines.candidates.collector import Collector
+from pipelines.candidates.warc import read_warc
+from pipelines.download.miniweb import MiniWeb
+from pipelines.demo.stamps import HOST, STAMPS, build, find_stamps
 from test_corpus import CHROMIUM
 from test_download import make_run
 

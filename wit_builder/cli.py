@@ -79,11 +79,11 @@ def _load_run(run: str):
 def all_stages() -> dict:
     """The stages of a run, in data-flow order."""
     from pipelines.balance import BalanceStage
-    from pipelines.candidates import CandidatesStage
-    from pipelines.dedup import DedupStage
-    from pipelines.download import DownloadStage
+    from pipelines.candidates.stage import CandidatesStage
+    from pipelines.dedup.stage import DedupStage
+    from pipelines.download.stage import DownloadStage
     from pipelines.filter import FilterStage
-    from pipelines.match import MatchStage
+    from pipelines.match.stage import MatchStage
     from pipelines.shard import ShardStage
     from queries.stage import QueriesStage
 

@@ -9,7 +9,7 @@ zero-shot evaluation of a model trained on the demo (`wit eval --data`): `held-o
 class per top-level folder: animals, food, symbols, ...) and `held-out/captions/` (one class per
 description: which of the held-out descriptions a drawing matches, with `caption-template.txt`):
 
-    .venv/bin/python -m pipelines.stamps runs/stamps          # stamps.warc.gz, held-out/
+    .venv/bin/python -m pipelines.demo.stamps runs/stamps          # stamps.warc.gz, held-out/
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ from wit_builder.shuffle import (SLICE_ROW_GROUP, bucket_folder, bucket_of, read
 from wit_builder.workspace import Run, file_identity, parquet_file, read_table, write_parquet
 
 from .neardup import band_r, blocks, close_pairs, collapse_identical
-from .phash import SIDE, phash_bytes, phash_pixels
-from .sampling import query_counts, sum_counts_task
+from ..phash import SIDE, phash_bytes, phash_pixels
+from ..sampling import query_counts, sum_counts_task
 
 VERSION = 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")

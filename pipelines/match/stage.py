@@ -16,7 +16,7 @@ from wit_builder.runner import Manifest, Stage, Task, partition_entry, read_mani
 from wit_builder.workspace import Run, read_table, write_parquet
 
 from .matcher import QueryMatcher
-from .sampling import query_counts, sum_counts_task
+from ..sampling import query_counts, sum_counts_task
 
 VERSION = 1
 COUNTS_SCHEMA = pa.schema([("query_id", pa.int32()), ("count", pa.int64())])

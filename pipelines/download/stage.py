@@ -39,9 +39,9 @@ from wit_builder.workspace import Run, atomic_write_bytes, file_identity, parque
 
 from . import robots
 from .egress import EgressProxy, Policy
-from .phash import phash_bytes
-from .sampling import keep_rows, read_counts
-from .urls import idna_host, normalise_url
+from ..phash import phash_bytes
+from ..sampling import keep_rows, read_counts
+from ..urls import idna_host, normalise_url
 
 log = logging.getLogger("wit")
 VERSION = 2

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .urls import idna_host
+from ..urls import idna_host
 
 FAULT_HOST = "faults.wit.test"
 ROBOTS_DOWN_HOST = "robots-down.wit.test"  # a site whose robots.txt answers 503
