@@ -35,7 +35,7 @@ from pipelines.download.stage import download_part, egress_environment, egress_p
 from pipelines.download.egress import EgressProxy  # noqa: E402
 from pipelines.download.miniweb import MiniWeb  # noqa: E402
 from wit_builder.ids import uid  # noqa: E402
-from wit_builder.recipe import DownloadSettings  # noqa: E402
+from pipelines.download.stage import DownloadSettings  # noqa: E402
 
 
 def raw_img2dataset(urls: list[str], out: Path, threads: int) -> float:
@@ -53,18 +53,18 @@ def raw_img2dataset(urls: list[str], out: Path, threads: int) -> float:
     return time.perf_counter() - t
 
 
-def settings(threads: int) -> dict:
+def settings(threads: int) -> DownloadSettings:
     """The stage's default settings, but for the local server, and a per-host limit at the thread count:
     every URL here is on one host, so a lower limit would measure the politeness setting (which on a
     real crawl spreads over many hosts), not the guard; all legs run the same concurrency."""
     return DownloadSettings(thread_count=threads, per_host_connections=threads, allow_loopback=True,
-                            timeout=10).model_dump(mode="json")
+                            timeout=10)
 
 
 def proxied_img2dataset(urls: list[str], out: Path, threads: int) -> float:
     """Raw img2dataset with every request through the egress proxy, with the stage's policy."""
     s = settings(threads)
-    with EgressProxy(egress_policy(s)) as proxy, egress_environment(proxy.url, s["max_pixels"]):
+    with EgressProxy(egress_policy(s)) as proxy, egress_environment(proxy.url, s.max_pixels):
         return raw_img2dataset(urls, out, threads)
 
 

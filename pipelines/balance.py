@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
-from wit_builder.runner import Manifest, Stage, Task, partition_entry, step_info
+from wit_builder.recipe import Section
+from wit_builder.runner import Manifest, step_info
 from wit_builder.shuffle import take_by_uid
+from wit_builder.stage import Plot, Stage, View
 from wit_builder.workspace import Run, read_table, write_parquet
 
 from .sampling import keep_rows, read_counts
 
 VERSION = 2
+# The columns that later stages read (the file carries the shards' metadata too).
+BALANCED_SCHEMA = pa.schema([("uid", pa.string()), ("query_ids", pa.list_(pa.int32())), ("keep", pa.bool_())])
 
 
 def balance_part(dedup: str, counts: str, matched: str, candidates: str, status: str, t: int, seed: int,
@@ -42,30 +47,77 @@ def balance_part(dedup: str, counts: str, matched: str, candidates: str, status:
     return {"survivors": out.num_rows, "kept": int(keep.sum()), "kept_bytes": int(kept_bytes or 0)}
 
 
+class BalanceSettings(Section):
+    """MetaCLIP's balancing: the head queries capped, the tail kept whole."""
+
+    t: int = Field(default=20_000, ge=1)
+    """At most about t pairs per query (MetaCLIP: 20,000 for 400M pairs)."""
+    oversample: float = Field(default=2.5, ge=0)
+    """Before download, keep each query to about t * oversample candidates at the text level, so a web-scale
+    run does not fetch images it will throw away. 0 turns the cap off. The default allows for the ~50% of
+    candidates that fail to download or are duplicates (bench/README.md)."""
+
+
+# The reason of a dropped row: its queries were all over the threshold t, and the draw left it out.
+FUNNEL = """
+SELECT 'balance ' || CASE WHEN keep THEN 'kept' ELSE 'dropped' END AS step,
+       CASE WHEN keep THEN NULL ELSE 'over_threshold' END AS reason, count(*) AS rows
+FROM balanced GROUP BY keep
+"""
+
+
+def _per_query_plot(con):
+    import matplotlib.pyplot as plt
+
+    before = [r[0] for r in con.execute("SELECT count(*) c FROM (SELECT unnest(query_ids) q FROM matched) "
+                                        "GROUP BY q ORDER BY c DESC").fetchall()]
+    after = [r[0] for r in con.execute("SELECT count(*) c FROM (SELECT unnest(query_ids) q FROM balanced "
+                                       "WHERE keep) GROUP BY q ORDER BY c DESC").fetchall()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if before:
+        ax.loglog(range(1, len(before) + 1), before, label="matched (before balancing)")
+    if after:
+        ax.loglog(range(1, len(after) + 1), after, label="kept (after balancing)")
+    ax.set_xlabel("query rank")
+    ax.set_ylabel("pairs per query")
+    ax.set_title("Pairs per query: the head is capped, the tail kept")
+    ax.legend()
+    return fig
+
+
 class BalanceStage(Stage):
     name = "balance"
-    upstream = "dedup"
+    needs = ("dedup",)
+    settings = BalanceSettings
+    provides = {"balanced": BALANCED_SCHEMA}
+    views = (View("balanced", "balanced/part-*.parquet"),)
+    main_view = "balanced"
+    funnel = FUNNEL
+    kept = ("after balancing", "SELECT count(*) FROM balanced WHERE keep")
+    plots = (Plot("Pairs per query, before and after balancing (log-log)", "per_query", _per_query_plot,
+                  ("matched", "balanced")),)
+
+    def empty_hint(self, probe) -> str | None:
+        return None if probe.count("balanced", "keep") else "balancing kept nothing; see balance.t"
 
     def plan(self, run: Run):
-        up = self.upstream_manifest(run)
+        up = self.needed(run, "dedup")
         b = run.recipe.balance
         seed = run.recipe.run.seed
         out = run.stage_dir("balanced")
         tasks = []
-        for part in up.partitions:
-            files, output = part["files"], str(out / f"part-{part['key']}.parquet")
-            tasks.append(Task(
-                stage=self.name, key=part["key"], func=balance_part,
-                kwargs={"dedup": files["dedup"], "counts": up.outputs["counts"], "matched": files["matched"],
-                        "candidates": files["candidates"], "status": files["status"], "t": b.t, "seed": seed,
-                        "output": output},
-                outputs=[output], marker=str(run.marker_path(self.name, part["key"])),
-                inputs={"version": VERSION, "upstream": part["fingerprint"], "counts": up.fingerprint,
+        for part in up.parts():
+            output = str(out / f"part-{part.key}.parquet")
+            tasks.append(self.task(
+                run, part.key, balance_part,
+                kwargs={"dedup": part.file("dedup"), "counts": up.output("counts"), "matched": part.file("matched"),
+                        "candidates": part.file("candidates"), "status": part.file("status"), "t": b.t,
+                        "seed": seed, "output": output},
+                outputs=[output],
+                inputs={"version": VERSION, "upstream": part.fingerprint, "counts": up.fingerprint,
                         "t": b.t, "seed": seed},
-                weight=part["info"].get("kept", 1) or 1))
+                weight=part.info.get("kept", 1) or 1))
         yield tasks
         infos = step_info(tasks)
-        return Manifest(self.name, [partition_entry(t, {**p["files"], "balanced": t.outputs[0]},
-                                                    {k: i.get(k, 0) for k in ("kept", "kept_bytes")})
-                                    for t, p, i in zip(tasks, up.partitions, infos)],
-                        {"queries": up.outputs["queries"], "queries_fingerprint": up.outputs["queries_fingerprint"]})
+        return Manifest(self.name, [p.entry(t, {"balanced": t.outputs[0]}, {k: i.get(k, 0) for k in ("kept", "kept_bytes")})
+                                    for t, p, i in zip(tasks, up.parts(), infos)])

@@ -15,6 +15,7 @@ downloaded, stored copy hash alike.
 from __future__ import annotations
 
 import io
+
 import numpy as np
 from PIL import Image
 

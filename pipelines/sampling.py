@@ -66,14 +66,13 @@ def query_counts(query_ids: pa.ChunkedArray | pa.Array) -> pa.Table:
     return pa.table({"query_id": pa.array(nz, pa.int32()), "count": pa.array(counts[nz], pa.int64())})
 
 
-def sum_counts_task(stage: str, run, tasks: list, output: str):
+def sum_counts_task(stage, run, tasks: list, output: str):
     """The reduce that sums the per-partition counts (each task's outputs["counts"]) into `output`."""
-    from wit_builder.runner import Task, combined_fingerprint
+    from wit_builder.runner import combined_fingerprint
 
-    return Task(stage=stage, key="_reduce", func=sum_counts,
-                kwargs={"parts": [t.kwargs["outputs"]["counts"] for t in tasks], "output": output},
-                outputs=[output], marker=str(run.marker_path(stage, "_reduce")),
-                inputs={"version": 1, "parts": combined_fingerprint(tasks)})
+    return stage.task(run, "_reduce", sum_counts,
+                      kwargs={"parts": [t.kwargs["outputs"]["counts"] for t in tasks], "output": output},
+                      outputs=[output], inputs={"version": 1, "parts": combined_fingerprint(tasks)})
 
 
 def sum_counts(parts: list[str], output: str) -> dict:

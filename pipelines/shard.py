@@ -25,12 +25,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
-from wit_builder.ids import fingerprint
-from wit_builder.runner import Manifest, Stage, Task, combined_fingerprint, completed, partition_entry
-from wit_builder.shuffle import bucket_folder, bucket_of, bucket_writer, read_bucket, splitmix64, uid_to_u64
-from wit_builder.tar import safe_key, write_shard
 from wit_builder import workspace
+from wit_builder.ids import fingerprint
+from wit_builder.recipe import Section
+from wit_builder.runner import Manifest, combined_fingerprint, completed, partition_entry
+from wit_builder.shuffle import bucket_folder, bucket_of, bucket_writer, read_bucket, splitmix64, uid_to_u64
+from wit_builder.stage import Stage, View
+from wit_builder.tar import safe_key, write_shard
 from wit_builder.workspace import Run, atomic_write_bytes, parquet_file, parquet_writer, read_table
 
 VERSION = 3  # 3: each sample's json is built by DuckDB (compact separators)
@@ -191,33 +194,50 @@ def shard_layout(kept: int, kept_bytes: int, per_shard: int, max_bytes: int, buc
     return buckets, per_bucket
 
 
+class ShardSettings(Section):
+    """The WebDataset tar shards."""
+
+    samples_per_shard: int = Field(default=10_000, ge=1)
+    """Shards hold at most about samples_per_shard samples and max_shard_mb, whichever is fewer."""
+    max_shard_mb: float = Field(default=1024.0, gt=0)
+    buckets: int = Field(default=0, ge=0)
+    """Buckets of the shard shuffle (each holds its samples in memory to order them); 0: sized from the kept
+    bytes, about 256 MB each."""
+
+
 class ShardStage(Stage):
     name = "shards"
-    upstream = "balance"
+    needs = ("balance", "queries")
+    settings = ShardSettings
+    views = (View("shards", "shards/shards.parquet"),)
+    main_view = "shards"
+    funnel = "SELECT 'sharded' AS step, NULL AS reason, count(*) AS rows FROM shards"
+    kept = ("sharded", "SELECT count(*) FROM shards")
 
     def plan(self, run: Run):
-        up = self.upstream_manifest(run)
+        up = self.needed(run, "balance")
+        query_list = self.needed(run, "queries")
+        parts = up.parts()
         s, seed, ext = run.recipe.shards, run.recipe.run.seed, run.recipe.download.encode_format
-        kept = sum(p["info"].get("kept", 0) for p in up.partitions)
-        kept_bytes = sum(p["info"].get("kept_bytes", 0) for p in up.partitions)
+        kept = sum(p.info.get("kept", 0) for p in parts)
+        kept_bytes = sum(p.info.get("kept_bytes", 0) for p in parts)
         buckets, per_bucket = shard_layout(kept, kept_bytes, s.samples_per_shard, int(s.max_shard_mb * (1 << 20)),
                                            s.buckets)
         out = run.stage_dir(self.name)
         settings = {"version": VERSION, "buckets": buckets, "per_bucket": per_bucket, "seed": seed, "ext": ext}
         namespace = fingerprint({**settings, "upstream": up.fingerprint,
-                                 "queries": up.outputs["queries_fingerprint"]})[:12]
+                                 "queries": query_list.fingerprint})[:12]
         if (done := completed(run, self.name, namespace)) is not None:
             return done
         shuffle = out / "_shuffle" / namespace
-        queries = up.outputs["queries"]
-        scatters = [Task(stage=self.name, key=part["key"], func=scatter_part,
-                         kwargs={"balanced": part["files"]["balanced"], "images": part["files"]["images"],
-                                 "queries": queries, "part": index, "seed": seed, "buckets": buckets,
-                                 "shuffle": str(shuffle / "samples")},
-                         outputs=[], marker=str(run.marker_path(self.name, part["key"])),
-                         inputs={**settings, "upstream": part["fingerprint"], "shuffle": namespace},
-                         weight=part["info"].get("kept_bytes", 1) or 1, receipt=str(shuffle / "_done" / part["key"]))
-                    for index, part in enumerate(up.partitions)]
+        queries = query_list.output("queries")
+        scatters = [self.task(run, part.key, scatter_part,
+                              kwargs={"balanced": part.file("balanced"), "images": part.file("images"),
+                                      "queries": queries, "part": index, "seed": seed, "buckets": buckets,
+                                      "shuffle": str(shuffle / "samples")},
+                              outputs=[], inputs={**settings, "upstream": part.fingerprint, "shuffle": namespace},
+                              weight=part.info.get("kept_bytes", 1) or 1, receipt=str(shuffle / "_done" / part.key))
+                    for index, part in enumerate(parts)]
         yield scatters
         if kept == 0:
             buckets = 0
@@ -226,18 +246,18 @@ class ShardStage(Stage):
         for b in range(buckets):
             shards = [str(out / f"{b * per_bucket + j:06d}.tar") for j in range(per_bucket)]
             index = str(bucket_folder(shuffle / "index", b)) + ".parquet"
-            tasks.append(Task(stage=self.name, key=f"_bucket-{b:05d}", func=bucket_shards,
-                              kwargs={"shuffle": str(shuffle / "samples"), "bucket": b, "shards": shards,
-                                      "ext": ext, "index": index},
-                              outputs=shards + [index], marker=str(run.marker_path(self.name, f"_bucket-{b:05d}")),
-                              inputs={"scatter": scattered, "bucket": b}, weight=per_bucket))
+            tasks.append(self.task(run, f"_bucket-{b:05d}", bucket_shards,
+                                   kwargs={"shuffle": str(shuffle / "samples"), "bucket": b, "shards": shards,
+                                           "ext": ext, "index": index},
+                                   outputs=shards + [index],
+                                   inputs={"scatter": scattered, "bucket": b}, weight=per_bucket))
         yield tasks
         shards = [p for t in tasks for p in t.kwargs["shards"]]
         index_files = [str(out / n) for n in ("sizes.json", "wids.json", "shards.parquet")]
-        reduce = Task(stage=self.name, key="_reduce", func=write_index,
-                      kwargs={"indexes": [t.kwargs["index"] for t in tasks], "shards": shards, "out_dir": str(out)},
-                      outputs=index_files, marker=str(run.marker_path(self.name, "_reduce")),
-                      inputs={"version": VERSION, "buckets": combined_fingerprint(tasks)})
+        reduce = self.task(run, "_reduce", write_index,
+                           kwargs={"indexes": [t.kwargs["index"] for t in tasks], "shards": shards, "out_dir": str(out)},
+                           outputs=index_files,
+                           inputs={"version": VERSION, "buckets": combined_fingerprint(tasks)})
         yield [reduce]
         return Manifest(self.name, [partition_entry(t, {"shards": t.kwargs["shards"]}) for t in tasks],
                         {"index": index_files}, plan=namespace, scratch=[str(out / "_shuffle")])

@@ -3,10 +3,10 @@
 import pytest
 
 from pipelines.filter import judge
-from wit_builder.recipe import FilterSettings
+from pipelines.filter import FilterSettings
 
-SETTINGS = FilterSettings().model_dump()
-BOILER = frozenset(SETTINGS["boilerplate"])
+SETTINGS = FilterSettings()
+BOILER = frozenset(SETTINGS.boilerplate)
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -46,12 +46,12 @@ def test_mojibake_is_repaired_and_whitespace_collapsed():
 
 
 def test_thresholds_come_from_the_recipe():
-    strict = {**SETTINGS, "min_words": 3, "min_chars": 1}
+    strict = SETTINGS.model_copy(update={"min_words": 3, "min_chars": 1})
     assert judge("two words", strict, BOILER)[0] == "too_few_words"
     assert judge("three small words", strict, BOILER)[0] is None
 
 
 def test_language_filter_is_offline_and_optional():
-    english = {**SETTINGS, "languages": ["en"], "min_language_confidence": 0.9}
+    english = SETTINGS.model_copy(update={"languages": ["en"], "min_language_confidence": 0.9})
     assert judge("Ein roter Fuchs springt über den hohen Zaun im Garten", english, BOILER)[0] == "language:de"
     assert judge("A red fox jumps over the high fence in the garden", english, BOILER)[0] is None

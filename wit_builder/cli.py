@@ -7,11 +7,13 @@ import json
 import logging
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from .errors import WitError
 
 log = logging.getLogger("wit")
+COMMANDS = "wit_builder.commands"  # entry point group of the commands other packages add
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -76,24 +78,9 @@ def _load_run(run: str):
     return Run(_recipe_of(run))
 
 
-def all_stages() -> dict:
-    """The stages of a run, in data-flow order."""
-    from pipelines.balance import BalanceStage
-    from pipelines.candidates.stage import CandidatesStage
-    from pipelines.dedup.stage import DedupStage
-    from pipelines.download.stage import DownloadStage
-    from pipelines.filter import FilterStage
-    from pipelines.match.stage import MatchStage
-    from pipelines.shard import ShardStage
-    from queries.stage import QueriesStage
-
-    stages = [QueriesStage(), CandidatesStage(), FilterStage(), MatchStage(), DownloadStage(),
-              DedupStage(), BalanceStage(), ShardStage()]
-    return {s.name: s for s in stages}
-
-
 def cmd_run(args) -> int:
     from .runner import make_executor, read_manifest, run_stage
+    from .stage import pipeline
     from .workspace import Run, run_lock
 
     overrides = {}
@@ -104,11 +91,11 @@ def cmd_run(args) -> int:
     recipe = _recipe_of(args.recipe, overrides)
     run = Run(recipe)
     _setup_logging(run.dir, args.verbose)
-    stages = all_stages()
-    chosen = args.stage or list(stages)
+    stages = pipeline(recipe)
+    chosen = args.stage or stages.names
     for name in chosen:
-        if name not in stages:
-            raise WitError(f"unknown stage {name!r}; stages: {', '.join(stages)}", where="--stage")
+        if name not in stages.names:
+            raise WitError(f"unknown stage {name!r}; stages: {', '.join(stages.names)}", where="--stage")
     if missing := recipe.missing_inputs(chosen):
         raise WitError("inputs not found:\n" + "\n".join(f"  {m}" for m in missing), where=str(args.recipe))
     with run_lock(run.dir):
@@ -122,53 +109,35 @@ def cmd_run(args) -> int:
         finally:
             executor.close()
     # A recipe with pairs to find must end in shards (one without inputs builds a query list only).
-    if "shards" in chosen and recipe.candidates.inputs and not read_manifest(run, "shards").partitions:
-        raise WitError(f"the run made no shards: {why_empty(run.dir)}", where=run.place)
+    last = stages.names[-1]
+    if last in chosen and all(s.expects_rows(recipe) for s in stages.stages) and not read_manifest(run, last).partitions:
+        raise WitError(f"the run made no {last}: {why_empty(run)}", where=run.place)
     log.info("done. Query it: wit sql %s \"SELECT * FROM queries LIMIT 10\"", run.place)
     return 0
 
 
-def why_empty(run_dir: Path) -> str:
-    """Where the funnel ran dry, with the top reasons: the hint for a run that made no shards."""
+def why_empty(run) -> str:
+    """Where the funnel ran dry, with the top reasons: the first stage, in data-flow order, that
+    says nothing passed it."""
     from . import sql
+    from .stage import pipeline
 
-    con = sql.connect(run_dir)
-    views = set(sql.views(con))
-
-    def count(view: str, where: str = "true") -> int:
-        return con.sql(f"SELECT count(*) FROM {view} WHERE {where}").fetchall()[0][0] if view in views else 0
-
-    def top(view: str, where: str) -> str:
-        rows = con.sql(f"SELECT reason, count(*) AS n FROM {view} WHERE {where} GROUP BY 1 "
-                       "ORDER BY n DESC, reason LIMIT 3").fetchall()
-        return ", ".join(f"{reason} ({n})" for reason, n in rows)
-
-    if not count("candidates"):
-        return "no candidate pairs; check candidates.inputs"
-    if not count("filtered", "ok"):
-        return f"all {count('filtered')} candidates dropped by the filter: {top('filtered', 'NOT ok')}; see [filter]"
-    if not count("matched"):
-        return f"no caption of the {count('filtered', 'ok')} kept contains a query; see [match] and the query list"
-    if not count("downloads", "status = 'success'"):
-        hint = top("downloads", "status <> 'success'")
-        for reason, key in (("loopback_address", "download.allow_loopback"), ("timeout", "download.timeout")):
-            if reason in hint:
-                hint += f"; see {key}"
-                break
-        return f"all {count('downloads')} downloads failed or were refused: {hint}"
-    if not count("dedup", "keep"):
-        return f"dedup removed every image: {top('dedup', 'NOT keep')}"
-    return "balancing kept nothing; see balance.t"
+    probe = sql.Probe(sql.connect(run.dir))
+    for stage in pipeline(run.recipe).stages:
+        if hint := stage.empty_hint(probe):
+            return hint
+    return "no stage reports where the rows went; see wit sql RUN \"SELECT * FROM funnel\""
 
 
 def cmd_status(args) -> int:
     from . import workspace
     from .runner import read_manifest, read_markers
-    from .sql import STAGE_VIEWS, VIEWS
+    from .stage import pipeline
 
     run = _load_run(args.run)
     print(f"run {run.place}")
-    for name, stage in all_stages().items():
+    for stage in pipeline(run.recipe).stages:
+        name = stage.name
         try:
             manifest = read_manifest(run, name)
             line = f"  {name:<12} complete: {len(manifest.partitions)} partitions"
@@ -182,11 +151,12 @@ def cmd_status(args) -> int:
                 tasks = []
             done = sum(m is not None for m in read_markers(tasks))
             line = f"  {name:<12} {done}/{len(tasks)} partitions done"
-        view = STAGE_VIEWS.get(name)
-        if view:
-            folder, _, files = VIEWS[view].rpartition("/")
-            rows = sum(workspace.parquet_file(p).metadata.num_rows for p in workspace.glob(run.dir / folder, files))
-            line += f"; {view}: {rows:,} rows"
+        for view in stage.views:
+            if view.name == stage.main_view:
+                folder, _, files = view.files.rpartition("/")
+                found = workspace.glob(run.dir / folder, files)
+                rows = sum(workspace.parquet_file(p).metadata.num_rows for p in found)
+                line += f"; {view.name}: {rows:,} rows"
         print(line)
     return 0
 
@@ -270,13 +240,11 @@ def _interactive(con) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # The trainer has its own options; its imports (torch, open_clip) load only when it runs.
-    if argv and argv[0] == "train":
-        from trainer.train import main as train
-        return train(argv[1:])
-    if argv and argv[0] == "eval":
-        from trainer.zeroshot import main as evaluate
-        return evaluate(argv[1:])
+    # Commands of other packages (`wit train`, `wit eval`) parse their own options; their imports
+    # (torch, open_clip) load only when they run.
+    commands = {ep.name: ep for ep in entry_points(group=COMMANDS)}
+    if argv and argv[0] in commands:
+        return commands[argv[0]].load()(argv[1:])
     parser = argparse.ArgumentParser(prog="wit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -314,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", help="default: RUN/report.html")
     p.set_defaults(func=cmd_report)
 
-    sub.add_parser("train", help="contrastive pretraining on shards (wit train --help)", add_help=False)
-    sub.add_parser("eval", help="zero-shot top-1/top-5 of a checkpoint (wit eval --help)", add_help=False)
+    for name, ep in sorted(commands.items()):
+        sub.add_parser(name, help=f"{ep.value} (wit {name} --help)", add_help=False)
 
     args = parser.parse_args(argv)
     try:

@@ -15,6 +15,7 @@ import tarfile
 from pathlib import Path
 
 from . import sql, stats, storage, workspace
+from .stage import views_named
 
 
 def _png(fig) -> str:
@@ -41,24 +42,17 @@ def _figure(title: str, uri: str, name: str) -> str:
 
 
 def _plots(con, views: set[str]) -> list[str]:
+    """The funnel and the failure reasons from the funnel view, then each stage's own plots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .stage import registered
+
     out = []
-    if {"candidates", "filtered", "matched"} <= views:
-        steps = [("candidates", "SELECT count(*) FROM candidates"),
-                 ("filter kept", "SELECT count(*) FROM filtered WHERE ok"),
-                 ("matched", "SELECT count(*) FROM matched")]
-        if "downloads" in views:
-            steps.append(("downloaded", "SELECT count(*) FROM downloads WHERE status = 'success'"))
-        if "dedup" in views:
-            steps.append(("after dedup", "SELECT count(*) FROM dedup WHERE keep"))
-        if "balanced" in views:
-            steps.append(("after balancing", "SELECT count(*) FROM balanced WHERE keep"))
-        if "shards" in views:
-            steps.append(("sharded", "SELECT count(*) FROM shards"))
+    steps = [(s.kept[0], s.kept[1]) for s in registered() if s.kept[1] and set(views_named(s.kept[1])) <= views]
+    if len(steps) >= 2:
         values = [con.execute(q).fetchone()[0] for _, q in steps]
         fig, ax = plt.subplots(figsize=(7, 3))
         ax.barh([s for s, _ in steps][::-1], values[::-1], color="#4c72b0")
@@ -68,56 +62,20 @@ def _plots(con, views: set[str]) -> list[str]:
         ax.set_title("The funnel")
         out.append(_figure("The funnel", _png(fig), "funnel"))
 
-    if {"matched", "balanced"} <= views:
-        before = [r[0] for r in con.execute("SELECT count(*) c FROM (SELECT unnest(query_ids) q FROM matched) "
-                                            "GROUP BY q ORDER BY c DESC").fetchall()]
-        after = [r[0] for r in con.execute("SELECT count(*) c FROM (SELECT unnest(query_ids) q FROM balanced "
-                                           "WHERE keep) GROUP BY q ORDER BY c DESC").fetchall()]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if before:
-            ax.loglog(range(1, len(before) + 1), before, label="matched (before balancing)")
-        if after:
-            ax.loglog(range(1, len(after) + 1), after, label="kept (after balancing)")
-        ax.set_xlabel("query rank")
-        ax.set_ylabel("pairs per query")
-        ax.set_title("Pairs per query: the head is capped, the tail kept")
-        ax.legend()
-        out.append(_figure("Pairs per query, before and after balancing (log-log)", _png(fig), "per_query"))
-
-    reasons = []
-    if "downloads" in views:
-        reasons += con.execute("SELECT 'download: ' || reason, count(*) FROM downloads "
-                               "WHERE reason IS NOT NULL GROUP BY reason").fetchall()
-    if "filtered" in views:
-        reasons += con.execute("SELECT 'filter: ' || reason, count(*) FROM filtered WHERE NOT ok "
-                               "GROUP BY reason").fetchall()
+    reasons = con.execute("SELECT step || ': ' || reason, sum(rows) FROM funnel WHERE reason IS NOT NULL "
+                          "AND step NOT LIKE '% kept' GROUP BY 1").fetchall() if "funnel" in views else []
     if reasons:
-        reasons.sort(key=lambda r: r[1])
+        reasons.sort(key=lambda r: (r[1], r[0]))
         fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(reasons))))
         ax.barh([r[0] for r in reasons], [r[1] for r in reasons], color="#dd8452")
         ax.set_xlabel("rows")
         ax.set_title("Failure and drop reasons")
         out.append(_figure("Failure and drop reasons", _png(fig), "reasons"))
 
-    if "downloads" in views:
-        sizes = con.execute("SELECT width, height FROM downloads WHERE status = 'success'").fetchall()
-        if sizes:
-            fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-            for ax, i, name in ((axes[0], 0, "width"), (axes[1], 1, "height")):
-                ax.hist([s[i] for s in sizes], bins=30, color="#55a868")
-                ax.set_xlabel(f"{name} (px)")
-            axes[0].set_ylabel("images")
-            fig.suptitle("Stored image sizes")
-            out.append(_figure("Width and height of the stored images", _png(fig), "sizes"))
-
-    if "queries" in views:
-        shares = con.execute("SELECT s, count(*) FROM (SELECT unnest(sources) s FROM queries) GROUP BY s "
-                             "ORDER BY 2 DESC").fetchall()
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.bar([s for s, _ in shares], [n for _, n in shares], color="#8172b3")
-        ax.set_ylabel("entries")
-        ax.set_title("Query entries by source")
-        out.append(_figure("The queries' share of sources", _png(fig), "sources"))
+    for stage in registered():
+        for plot in stage.plots:
+            if set(plot.needs_views) <= views and (fig := plot.draw(con)) is not None:
+                out.append(_figure(plot.title, _png(fig), plot.name))
     return out
 
 

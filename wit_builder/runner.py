@@ -23,9 +23,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -50,7 +50,7 @@ class Task:
     func: Callable[..., dict]
     kwargs: dict
     outputs: list[str]
-    marker: str
+    state: str  # the run's `_state` folder: the marker is `state/stage/key.json`
     # Everything that decides the outputs: settings, input identities, upstream fingerprints.
     inputs: dict = field(default_factory=dict)
     weight: int = 1  # e.g. input bytes, for the progress bar
@@ -67,6 +67,10 @@ class Task:
     @property
     def fingerprint(self) -> str:
         return fingerprint({"stage": self.stage, "key": self.key, "inputs": self.inputs})
+
+    @property
+    def marker(self) -> str:
+        return f"{self.state}/{self.stage}/{self.key}.json"
 
 
 def read_markers(tasks: list[Task]) -> list[dict | None]:
@@ -105,6 +109,30 @@ def execute(task: Task) -> dict:
     return info
 
 
+@dataclass(frozen=True)
+class Part:
+    """One partition of a completed stage, as the stages that need it read it: its files by name
+    (its own and those of the stages above that it aligns with), fingerprint and info."""
+
+    stage: str
+    key: str
+    fingerprint: str
+    files: dict
+    info: dict
+
+    def file(self, name: str):
+        try:
+            return self.files[name]
+        except KeyError:
+            raise WitError(f"partition {self.key} has no file {name!r} (it has: {', '.join(self.files)})",
+                           where=f"stage {self.stage}") from None
+
+    def entry(self, task: Task, own: dict, info: dict | None = None) -> dict:
+        """The manifest row of `task`, the stage's own task over this partition: this partition's
+        files carried forward, with the task's own added."""
+        return partition_entry(task, {**self.files, **own}, info, key=self.key)
+
+
 @dataclass
 class Manifest:
     """A completed stage: its partitions (key, fingerprint, files, info) in data-flow order, and the
@@ -126,6 +154,17 @@ class Manifest:
         body = {"stage": self.stage, "fingerprint": self.fingerprint, "outputs": self.outputs,
                 "partitions": self.partitions, "plan": self.plan}
         return json.dumps(within(run_dir, body, RUN_FOLDER), indent=1, sort_keys=True).encode()
+
+    def parts(self) -> list[Part]:
+        return [Part(self.stage, p["key"], p["fingerprint"], p["files"], p["info"]) for p in self.partitions]
+
+    def output(self, name: str):
+        """A stage-wide output by name; a clear error naming the stage when it has none."""
+        try:
+            return self.outputs[name]
+        except KeyError:
+            raise WitError(f"the {self.stage} stage's manifest has no output {name!r} (it has: "
+                           f"{', '.join(self.outputs) or 'none'})", where=f"stage {self.stage}") from None
 
     def files(self) -> list[str]:
         found = []
@@ -166,34 +205,6 @@ def partition_entry(task: Task, files: dict, info: dict | None = None, key: str 
     """A manifest row for a completed per-partition task. `files` carries forward what later stages
     read of this partition (its own outputs and the upstream files it aligns with)."""
     return {"key": key or task.key, "fingerprint": task.fingerprint, "files": files, "info": info or {}}
-
-
-class Stage:
-    """A stage. `plan` is a generator: it yields the tasks of each step in turn (the runner completes
-    one step before asking for the next, so a later step can plan from an earlier step's markers) and
-    returns the stage's Manifest. The default runs `tasks` then `reduce_task`."""
-
-    name: str = ""
-    upstream: str = ""  # the stage whose manifest this one plans from
-    unit: str = "B"  # of its tasks' weights, for the progress bar
-
-    def plan(self, run: Run) -> Iterator[list[Task]]:
-        tasks = self.tasks(run)
-        yield tasks
-        reduce = self.reduce_task(run, tasks)
-        if reduce is not None:
-            yield [reduce]
-        return Manifest(self.name, [partition_entry(t, {"outputs": t.outputs}) for t in tasks],
-                        {"reduce": reduce.outputs} if reduce else {})
-
-    def tasks(self, run: Run) -> list[Task]:
-        raise NotImplementedError
-
-    def reduce_task(self, run: Run, tasks: list[Task]) -> Task | None:
-        return None
-
-    def upstream_manifest(self, run: Run) -> Manifest:
-        return read_manifest(run, self.upstream, needed_by=self.name)
 
 
 def step_info(tasks: list[Task]) -> list[dict]:
@@ -390,7 +401,7 @@ class LiveProgress:
         self.bar.refresh()
 
 
-def run_step(stage: Stage, step: int, tasks: list[Task], executor, force: bool) -> dict:
+def run_step(stage, step: int, tasks: list[Task], executor, force: bool) -> dict:
     if removed := remove_stale_temporaries(tasks):
         log.info("%s: removed %d temporary files left by an interrupted run", stage.name, removed)
     pending = tasks if force else [t for t, m in zip(tasks, read_markers(tasks)) if m is None]
@@ -428,7 +439,7 @@ def run_step(stage: Stage, step: int, tasks: list[Task], executor, force: bool) 
     return {"partitions": len(tasks), "ran": len(pending), "skipped": skipped}
 
 
-def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
+def run_stage(stage, run: Run, executor, force: bool = False) -> dict:
     """Run every step of a stage to completion and write its manifest. Returns the first step's
     counts (partitions, ran, skipped); raises WitError naming every failed partition."""
     plan = stage.plan(run)
@@ -445,6 +456,9 @@ def run_stage(stage: Stage, run: Run, executor, force: bool = False) -> dict:
             tasks = plan.send(None)
     except StopIteration as done:
         manifest: Manifest = done.value
+    from .stage import check_provides
+
+    check_provides(stage, manifest)
     if not manifest.fingerprint:
         # Output paths enter relative to the run folder: a moved or copied run keeps its fingerprints.
         manifest.fingerprint = fingerprint([p["fingerprint"] for p in manifest.partitions]

@@ -9,6 +9,7 @@ from pathlib import Path
 import duckdb
 
 from . import sql, workspace
+from .stage import views_named
 
 BUILTIN = Path(__file__).parent / "reports"
 
@@ -32,7 +33,8 @@ def run_reports(run_dir: Path, extra: list[Path] | None = None):
     for path in report_files(run_dir, extra or []):
         query = workspace.read_bytes(path).decode()
         title = title_of(path, query)
-        missing = sorted(v for v in sql.VIEWS if re.search(rf"\b{v}\b", query) and v not in available)
+        named = views_named(query) + (["funnel"] if re.search(r"\bfunnel\b", query) else [])
+        missing = sorted(v for v in named if v not in available)
         if missing:
             yield title, f"not available yet: no {', '.join(missing)} in this run"
             continue

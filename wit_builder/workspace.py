@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 from . import storage
 from .recipe import Recipe
 
-
 # A run folder's local staging folder -> its URL in a store (see the module's docstring).
 _stores: dict[str, str] = {}
 # Names of files and folders of a run that stay on the node that writes them: resumable work in
@@ -287,14 +286,13 @@ class Run:
     def stage_dir(self, stage: str) -> Path:
         return self.dir / stage
 
-    def marker_path(self, stage: str, key: str) -> Path:
-        return self.dir / "_state" / stage / f"{key}.json"
+    @property
+    def state_dir(self) -> Path:
+        """Markers and manifests: `_state/<stage>/<key>.json`, `_state/<stage>/_manifest.json`."""
+        return self.dir / "_state"
 
-    def read_marker(self, stage: str, key: str) -> dict | None:
-        try:
-            return json.loads(read_bytes(self.marker_path(stage, key)))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+    def marker_path(self, stage: str, key: str) -> Path:
+        return self.state_dir / stage / f"{key}.json"
 
     def save_recipe(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -15,22 +15,24 @@ import logging
 import re
 from pathlib import Path
 
+from pydantic import Field
+
 from wit_builder import storage
 from wit_builder.errors import WitError
 from wit_builder.ids import fingerprint
+from wit_builder.recipe import Section, input_path
 from wit_builder.runner import (
     Manifest,
-    Stage,
-    Task,
     combined_fingerprint,
     completed,
     partition_entry,
     step_info,
 )
 from wit_builder.shuffle import FORMAT as SHUFFLE_FORMAT
+from wit_builder.stage import Stage, View
 from wit_builder.workspace import Run, file_identity
 
-from .collector import Collector
+from .collector import CANDIDATES_SCHEMA, REJECTS_SCHEMA, Collector
 from .duplicates import find_duplicates, scatter_keys
 from .lists import plan_input, read_table_part
 from .warc import read_warc, read_wat
@@ -89,8 +91,45 @@ def part_key(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", Path(path).name)
 
 
+class CandidateSettings(Section):
+    """Where the (image URL, text) pairs come from."""
+
+    inputs: list[str] = input_path([])
+    """WARC (.warc, .warc.gz), Common Crawl WAT (.wat.gz) and lists (.parquet, .csv, .tsv, .jsonl)."""
+    url_col: str = "url"
+    """The image URL column of tabular lists (img2dataset's name)."""
+    caption_col: str = "caption"
+    """The text column of tabular lists (img2dataset's name)."""
+    one_text_per_url: bool = False
+    """Keep only the first text seen for each image URL."""
+    partition_rows: int = Field(default=1_000_000, ge=1)
+    """Rows per partition: a big list is split by parquet row groups or, for CSV/TSV/JSONL, by byte ranges at
+    line starts, so that `run.workers` parallelises one file. WARC/WAT: one file each."""
+    buckets: int = Field(default=0, ge=0)
+    """Buckets of the cross-partition duplicate shuffle; 0: one per GB of input."""
+
+
+FUNNEL = """
+SELECT 'candidates' AS step, NULL AS reason, count(*) AS rows FROM candidates
+UNION ALL SELECT 'extraction rejected', reason, count(*) FROM candidate_rejects GROUP BY reason
+"""
+
+
 class CandidatesStage(Stage):
     name = "candidates"
+    settings = CandidateSettings
+    provides = {"candidates": CANDIDATES_SCHEMA, "rejects": REJECTS_SCHEMA}
+    views = (View("candidates", "candidates/part-*.parquet"),
+             View("candidate_rejects", "candidates/rejects/part-*.parquet"))
+    main_view = "candidates"
+    funnel = FUNNEL
+    kept = ("candidates", "SELECT count(*) FROM candidates")
+
+    def empty_hint(self, probe) -> str | None:
+        return None if probe.count("candidates") else "no candidate pairs; check candidates.inputs"
+
+    def expects_rows(self, recipe) -> bool:
+        return bool(recipe.candidates.inputs)
 
     def plan(self, run: Run):
         c = run.recipe.candidates
@@ -122,22 +161,21 @@ class CandidatesStage(Stage):
         for index, (key, path, kind, start, end, identity, weight) in enumerate(parts):
             outputs = {"candidates": str(out / f"part-{key}.parquet"),
                        "rejects": str(out / "rejects" / f"part-{key}.parquet")}
-            tasks.append(Task(
-                stage=self.name, key=key, func=candidates_part,
+            tasks.append(self.task(
+                run, key, candidates_part,
                 kwargs={"path": path, "kind": kind, "start": start, "end": end, "url_col": c.url_col,
                         "caption_col": c.caption_col, "part": index, "one_text_per_url": c.one_text_per_url,
                         "buckets": buckets, "shuffle": shuffle, "outputs": outputs},
-                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, key)),
+                outputs=list(outputs.values()),
                 inputs={**settings, "file": identity, "kind": kind, "range": [start, end], "part": index,
                         "shuffle": namespace},
                 weight=max(weight, 1), receipt=str(Path(shuffle) / "_done" / key)))
         yield tasks
         maps = combined_fingerprint(tasks)
-        reduces = [Task(stage=self.name, key=f"_bucket-{b:05d}", func=find_duplicates,
-                        kwargs={"shuffle": shuffle, "bucket": b, "output": str(out / "duplicates" / f"b{b:05d}.parquet")},
-                        outputs=[str(out / "duplicates" / f"b{b:05d}.parquet")],
-                        marker=str(run.marker_path(self.name, f"_bucket-{b:05d}")),
-                        inputs={"version": VERSION, "maps": maps, "bucket": b})
+        reduces = [self.task(run, f"_bucket-{b:05d}", find_duplicates,
+                             kwargs={"shuffle": shuffle, "bucket": b, "output": str(out / "duplicates" / f"b{b:05d}.parquet")},
+                             outputs=[str(out / "duplicates" / f"b{b:05d}.parquet")],
+                             inputs={"version": VERSION, "maps": maps, "bucket": b})
                    for b in range(buckets)]
         yield reduces
         infos = step_info(tasks)

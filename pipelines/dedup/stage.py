@@ -29,24 +29,38 @@ from __future__ import annotations
 import gzip
 import tarfile
 from pathlib import Path
+from typing import Literal
 
 import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
 from wit_builder import storage
 from wit_builder.errors import WitError
 from wit_builder.ids import fingerprint
-from wit_builder.runner import (Manifest, Stage, Task, combined_fingerprint, completed, partition_entry,
-                                step_info)
-from wit_builder.shuffle import (SLICE_ROW_GROUP, bucket_folder, bucket_of, read_bucket, read_slice, scatter,
-                                 splitmix64, string_hash64, take_by_uid, u64_to_uid, uid_to_u64)
+from wit_builder.recipe import Recipe, Section
+from wit_builder.runner import Manifest, combined_fingerprint, completed, step_info
+from wit_builder.shuffle import (
+    SLICE_ROW_GROUP,
+    bucket_folder,
+    bucket_of,
+    read_bucket,
+    read_slice,
+    scatter,
+    splitmix64,
+    string_hash64,
+    take_by_uid,
+    u64_to_uid,
+    uid_to_u64,
+)
+from wit_builder.stage import Stage, View
 from wit_builder.workspace import Run, file_identity, parquet_file, read_table, write_parquet
 
-from .neardup import band_r, blocks, close_pairs, collapse_identical
 from ..phash import SIDE, phash_bytes, phash_pixels
 from ..sampling import query_counts, sum_counts_task
+from .neardup import band_r, blocks, close_pairs, collapse_identical
 
 VERSION = 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
@@ -64,6 +78,7 @@ HIT_SCHEMA = pa.schema([("part", pa.int32()), ("uid", pa.uint64()), ("distance",
                         ("eval_set", pa.int32()), ("eval_index", pa.uint64())])
 DECISION_SCHEMA = pa.schema([("part", pa.int32()), ("uid", pa.string()), ("dup_of", pa.string()),
                              ("reason", pa.string()), ("distance", pa.int32())])
+COUNTS_SCHEMA = pa.schema([("query_id", pa.int32()), ("count", pa.int64())])
 DEDUP_SCHEMA = pa.schema([
     ("uid", pa.string()), ("url", pa.string()), ("sha256", pa.string()), ("phash", pa.uint64()),
     ("width", pa.int32()), ("height", pa.int32()), ("query_ids", pa.list_(pa.int32())),
@@ -424,15 +439,67 @@ def eval_hashes(kind: str, path: str) -> tuple[np.ndarray, list[str]]:
 # --- the stage ------------------------------------------------------------------------------------
 
 
+class EvalSetSettings(Section):
+    """An evaluation set whose images (and their near duplicates) are kept out of the corpus."""
+
+    name: str
+    """The name that dedup's `reason` gives (`eval:NAME`)."""
+    kind: Literal["folder", "webdataset", "fashion-mnist"]
+    """`folder`: image files under a folder; `webdataset`: tar shards; `fashion-mnist`: the IDX files."""
+    path: str
+    """The set's folder or file, relative to the recipe."""
+
+
+class DedupSettings(Section):
+    """Exact and near-duplicate removal, and decontamination against evaluation sets."""
+
+    radius: int = Field(default=4, ge=0, le=16)
+    """Near duplicates: pHash Hamming distance <= radius (of 64 bits). The fast hash differs from a full-decode
+    imagehash by about half a bit on average, well inside the default."""
+    eval_sets: list[EvalSetSettings] = []
+    """Evaluation sets to decontaminate against."""
+    buckets: int = Field(default=0, ge=0)
+    """Buckets of the dedup shuffle; 0: sized from the image count, about 8M hash records each."""
+
+
+FUNNEL = """
+SELECT 'dedup ' || CASE WHEN keep THEN 'kept' ELSE 'removed' END AS step, reason, count(*) AS rows
+FROM dedup GROUP BY keep, reason
+"""
+
+
 class DedupStage(Stage):
     name = "dedup"
-    upstream = "download"
+    needs = ("download",)
+    settings = DedupSettings
+    provides = {"dedup": DEDUP_SCHEMA, "counts": COUNTS_SCHEMA}
+    views = (View("dedup", "dedup/part-*.parquet"),)
+    main_view = "dedup"
+    funnel = FUNNEL
+    kept = ("after dedup", "SELECT count(*) FROM dedup WHERE keep")
+
+    def check_inputs(self, recipe: Recipe) -> list[str]:
+        problems = []
+        for e in recipe.dedup.eval_sets:
+            path = recipe.path(e.path)
+            try:
+                found = storage.exists(path) if storage.is_object_url(str(path)) else path.exists()
+            except WitError as err:
+                problems.append(f"dedup.eval_sets {e.name}: {err}")
+                continue
+            if not found:
+                problems.append(f"dedup.eval_sets {e.name}: {path}: not found")
+        return problems
+
+    def empty_hint(self, probe) -> str | None:
+        return None if probe.count("dedup", "keep") else f"dedup removed every image: {probe.top('dedup', 'NOT keep')}"
 
     def plan(self, run: Run):
-        up = self.upstream_manifest(run)
+        up = self.needed(run, "download")
+        parts = up.parts()
         d = run.recipe.dedup
         out = run.stage_dir(self.name)
-        images = sum(p["info"].get("success", 0) for p in up.partitions)
+        images = sum(p.info.get("success", 0) for p in parts)
         r = band_r(images, d.radius)
         buckets = d.buckets or max(1, -(-images * (d.radius + 1) // RECORDS_PER_BUCKET))
         eval_sets = [{"name": e.name, "kind": e.kind, "path": str(run.recipe.path(e.path))} for e in d.eval_sets]
@@ -446,20 +513,18 @@ class DedupStage(Stage):
             return done
         shuffle = out / "_shuffle" / namespace
         common = {"radius": d.radius, "r": r, "buckets": buckets, "shuffle": str(shuffle / "records")}
-        maps = [Task(stage=self.name, key=part["key"], func=map_part,
-                     kwargs={"status": part["files"]["status"], "matched": part["files"]["matched"],
-                             "part": index, **common},
-                     outputs=[], marker=str(run.marker_path(self.name, part["key"])),
-                     receipt=str(shuffle / "_done" / part["key"]),
-                     inputs={**settings, "upstream": part["fingerprint"], "part": index, "shuffle": namespace},
-                     weight=part["info"].get("success", 1) or 1)
-                for index, part in enumerate(up.partitions)]
-        maps += [Task(stage=self.name, key=f"_eval-{i:03d}", func=map_eval,
-                      kwargs={"index": i, "kind": e["kind"], "path": e["path"], **common,
-                              "ids_output": str(shuffle / "eval" / f"{i:03d}.parquet")},
-                      outputs=[str(shuffle / "eval" / f"{i:03d}.parquet")],
-                      marker=str(run.marker_path(self.name, f"_eval-{i:03d}")),
-                      inputs={**settings, "eval": e, "files": identities[i], "shuffle": namespace})
+        maps = [self.task(run, part.key, map_part,
+                          kwargs={"status": part.file("status"), "matched": part.file("matched"),
+                                  "part": index, **common},
+                          outputs=[], receipt=str(shuffle / "_done" / part.key),
+                          inputs={**settings, "upstream": part.fingerprint, "part": index, "shuffle": namespace},
+                          weight=part.info.get("success", 1) or 1)
+                for index, part in enumerate(parts)]
+        maps += [self.task(run, f"_eval-{i:03d}", map_eval,
+                           kwargs={"index": i, "kind": e["kind"], "path": e["path"], **common,
+                                   "ids_output": str(shuffle / "eval" / f"{i:03d}.parquet")},
+                           outputs=[str(shuffle / "eval" / f"{i:03d}.parquet")],
+                           inputs={**settings, "eval": e, "files": identities[i], "shuffle": namespace})
                  for i, e in enumerate(eval_sets)]
         yield maps
         mapped = combined_fingerprint(maps)
@@ -467,44 +532,40 @@ class DedupStage(Stage):
         for b in range(buckets):
             outputs = {"edges": str(bucket_folder(shuffle / "edges", b)) + ".parquet",
                        "hits": str(bucket_folder(shuffle / "hits", b)) + ".parquet"}
-            bucket_tasks.append(Task(
-                stage=self.name, key=f"_bucket-{b:05d}", func=bucket_part,
+            bucket_tasks.append(self.task(
+                run, f"_bucket-{b:05d}", bucket_part,
                 kwargs={"shuffle": common["shuffle"], "bucket": b, "radius": d.radius, "r": r, "outputs": outputs},
-                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, f"_bucket-{b:05d}")),
+                outputs=list(outputs.values()),
                 inputs={"maps": mapped, "bucket": b}))
         yield bucket_tasks
         decisions = str(out / "decisions.parquet")
-        grouping = Task(stage=self.name, key="_group", func=group,
+        grouping = self.task(run, "_group", group,
                         kwargs={"edges": [t.kwargs["outputs"]["edges"] for t in bucket_tasks],
                                 "hits": [t.kwargs["outputs"]["hits"] for t in bucket_tasks],
                                 "eval_names": [e["name"] for e in eval_sets],
-                                "eval_ids": [t.outputs[0] for t in maps[len(up.partitions):]],
+                                "eval_ids": [t.outputs[0] for t in maps[len(parts):]],
                                 "output": decisions},
-                        outputs=[decisions], marker=str(run.marker_path(self.name, "_group")),
-                        inputs={"buckets": combined_fingerprint(bucket_tasks)})
+                        outputs=[decisions], inputs={"buckets": combined_fingerprint(bucket_tasks)})
         yield [grouping]
         writes = []
-        for index, part in enumerate(up.partitions):
-            key = part["key"]
+        for index, part in enumerate(parts):
+            key = part.key
             outputs = {"dedup": str(out / f"part-{key}.parquet"), "counts": str(out / "counts" / f"part-{key}.parquet")}
-            writes.append(Task(
-                stage=self.name, key=f"{key}.decide", func=decide_part,
-                kwargs={"status": part["files"]["status"], "matched": part["files"]["matched"],
+            writes.append(self.task(
+                run, f"{key}.decide", decide_part,
+                kwargs={"status": part.file("status"), "matched": part.file("matched"),
                         "decisions": decisions, "part": index, "outputs": outputs},
-                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, f"{key}.decide")),
-                inputs={"version": VERSION, "upstream": part["fingerprint"], "group": grouping.fingerprint,
+                outputs=list(outputs.values()),
+                inputs={"version": VERSION, "upstream": part.fingerprint, "group": grouping.fingerprint,
                         "part": index},
-                weight=part["info"].get("success", 1) or 1))
+                weight=part.info.get("success", 1) or 1))
         yield writes
         total = str(out / "query_counts.parquet")
-        reduce = sum_counts_task(self.name, run, writes, total)
+        reduce = sum_counts_task(self, run, writes, total)
         yield [reduce]
         infos = step_info(writes)
-        return Manifest(self.name, [partition_entry(t, {**p["files"], **t.kwargs["outputs"]},
-                                                    {"images": i.get("images", 0), "kept": i.get("kept", 0)},
-                                                    key=p["key"])
-                                    for t, p, i in zip(writes, up.partitions, infos)],
-                        {"counts": total, "queries": up.outputs["queries"],
-                         "queries_fingerprint": up.outputs["queries_fingerprint"]},
+        return Manifest(self.name, [p.entry(t, t.kwargs["outputs"], {"images": i.get("images", 0), "kept": i.get("kept", 0)})
+                                    for t, p, i in zip(writes, parts, infos)],
+                        {"counts": total},
                         fingerprint([combined_fingerprint(writes), reduce.fingerprint]),
                         plan=namespace, scratch=[str(out / "_shuffle")])

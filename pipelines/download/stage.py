@@ -29,19 +29,23 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field, field_validator, model_validator
 
-from wit_builder.runner import Manifest, Stage, Task, partition_entry, step_info
+from wit_builder.recipe import Section, input_path
+from wit_builder.runner import Manifest, step_info
+from wit_builder.stage import Plot, Stage, View
 from wit_builder.workspace import Run, atomic_write_bytes, file_identity, parquet_writer, read_table, write_parquet
 
-from . import robots
-from .egress import EgressProxy, Policy
 from ..phash import phash_bytes
 from ..sampling import keep_rows, read_counts
 from ..urls import idna_host, normalise_url
+from . import robots
+from .egress import EgressProxy, Policy
 
 log = logging.getLogger("wit")
 VERSION = 2
@@ -133,12 +137,12 @@ def egress_environment(proxy_url: str, max_pixels: int):
                 os.environ[k] = v
 
 
-def egress_policy(s: dict, route: tuple[str, int] | None = None) -> Policy:
+def egress_policy(s: DownloadSettings, route: tuple[str, int] | None = None) -> Policy:
     """The proxy's policy from the recipe's download settings."""
-    return Policy(allow_loopback=s["allow_loopback"],
-                  allow_networks=tuple(ipaddress.ip_network(n, strict=False) for n in s["allow_networks"]),
-                  deadline_s=s["deadline_s"], max_bytes=s["max_bytes"],
-                  per_host_connections=s["per_host_connections"], per_host_rps=s["per_host_rps"], route=route)
+    return Policy(allow_loopback=s.allow_loopback,
+                  allow_networks=tuple(ipaddress.ip_network(n, strict=False) for n in s.allow_networks),
+                  deadline_s=s.deadline_s, max_bytes=s.max_bytes,
+                  per_host_connections=s.per_host_connections, per_host_rps=s.per_host_rps, route=route)
 
 
 @contextlib.contextmanager
@@ -163,7 +167,7 @@ def output_to(path: Path):
             os.close(saved[1])
 
 
-def run_img2dataset(rows: pa.Table, folder: Path, s: dict, on_shard) -> None:
+def run_img2dataset(rows: pa.Table, folder: Path, s: DownloadSettings, on_shard) -> None:
     """One img2dataset pass over (uid, url, text) rows. `on_shard(path)` is called with each output
     shard, in order, as soon as img2dataset has closed it (it writes the shard's stats file after), so
     work on one shard overlaps the download of the next."""
@@ -194,14 +198,14 @@ def run_img2dataset(rows: pa.Table, folder: Path, s: dict, on_shard) -> None:
             img2dataset.download(
                 url_list=str(source), input_format="parquet", url_col="url", caption_col="caption",
                 save_additional_columns=["uid"], output_format="parquet", output_folder=str(out),
-                processes_count=1, thread_count=s["thread_count"], timeout=s["timeout"],
-                retries=s["retries"], image_size=s["image_size"], resize_mode=s["resize_mode"],
-                resize_only_if_bigger=s["resize_only_if_bigger"], min_image_size=s["min_image_size"],
-                max_image_area=s["max_image_area"], max_aspect_ratio=s["max_aspect_ratio"],
-                encode_format=s["encode_format"], encode_quality=s["encode_quality"],
-                user_agent_token=s["user_agent_token"],
-                disallowed_header_directives=s["disallowed_header_directives"],
-                number_sample_per_shard=s["samples_per_shard"], incremental_mode="incremental",
+                processes_count=1, thread_count=s.thread_count, timeout=s.timeout,
+                retries=s.retries, image_size=s.image_size, resize_mode=s.resize_mode,
+                resize_only_if_bigger=s.resize_only_if_bigger, min_image_size=s.min_image_size,
+                max_image_area=s.max_image_area, max_aspect_ratio=s.max_aspect_ratio,
+                encode_format=s.encode_format, encode_quality=s.encode_quality,
+                user_agent_token=s.user_agent_token,
+                disallowed_header_directives=s.disallowed_header_directives,
+                number_sample_per_shard=s.samples_per_shard, incremental_mode="incremental",
                 compute_hash="sha256", extract_exif=False, enable_wandb=False,
             )
     finally:
@@ -209,7 +213,7 @@ def run_img2dataset(rows: pa.Table, folder: Path, s: dict, on_shard) -> None:
         watcher.join()
     look()
     shards = sorted(out.glob("*.parquet"))
-    expected = -(-rows.num_rows // s["samples_per_shard"])
+    expected = -(-rows.num_rows // s.samples_per_shard)
     if len(shards) != expected:  # img2dataset does not raise when a shard fails
         raise RuntimeError(f"img2dataset wrote {len(shards)} of {expected} shards in {out}")
 
@@ -316,7 +320,7 @@ def reporting(path: str, proxy: EgressProxy, decided: dict, total: int, every: f
             thread.join()
 
 
-def download_part(matched: str, settings: dict, work: str, outputs: dict, counts: str = "",
+def download_part(matched: str, settings: DownloadSettings, work: str, outputs: dict, counts: str = "",
                   cap: float = 0, seed: int = 0, progress: str = "", robots_cache: str | None = None) -> dict:
     s = settings
     rows = read_table(matched, columns=["uid", "url", "text", "query_ids"])
@@ -326,39 +330,39 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
         for uid, keep in zip(uids, pre_cap(rows, counts, cap, seed)):
             if not keep:
                 records[uid] = {"status": "skipped", "reason": "pre_balance_cap", "attempts": 0}
-    opt_urls = opt_out_set(s["opt_out_urls"])
-    domains = [d.lower().lstrip(".") for d in s["opt_out_domains"]]
+    opt_urls = opt_out_set(s.opt_out_urls)
+    domains = [d.lower().lstrip(".") for d in s.opt_out_domains]
     for uid, url in zip(uids, urls):
         if uid not in records and (reason := pre_refusal(url, domains, opt_urls)):
             records[uid] = {"status": "refused", "reason": reason, "attempts": 0}
     pending = rows.filter(pa.array([u not in records for u in uids], pa.bool_()))
 
     web = contextlib.nullcontext()
-    if s["replay"]:
+    if s.replay:
         from .miniweb import MiniWeb
 
-        web = MiniWeb(s["replay"])
+        web = MiniWeb(s.replay)
     resumed = 0
     # Images stream out one img2dataset shard at a time, so memory stays at one shard's images
     # however big the partition.
     position = {u: i for i, u in enumerate(uids)}
-    hashing = ShardHashing(s["encode_format"])
+    hashing = ShardHashing(s.encode_format)
     with web as mini, parquet_writer(outputs["images"], IMAGES_SCHEMA) as images:
         with EgressProxy(egress_policy(s, mini.address if mini else None)) as proxy, \
-                egress_environment(proxy.url, s["max_pixels"]):
-            if s["respect_robots_txt"] and pending.num_rows:
-                refused = robots.disallowed(pending.column("url").to_pylist(), proxy.url, s["user_agent_token"],
-                                            s["deadline_s"], cache=robots_cache)
+                egress_environment(proxy.url, s.max_pixels):
+            if s.respect_robots_txt and pending.num_rows:
+                refused = robots.disallowed(pending.column("url").to_pylist(), proxy.url, s.user_agent_token,
+                                            s.deadline_s, cache=robots_cache)
                 for i, why in refused.items():
                     records[pending.column("uid")[i].as_py()] = {"status": "refused", "reason": "robots_txt",
                                                                  "error_message": why, "attempts": 0}
                 pending = pending.filter(pa.array([i not in refused for i in range(pending.num_rows)], pa.bool_()))
             with reporting(progress, proxy, dict(records), rows.num_rows):
-                for attempt in range(1, s["retry_passes"] + 2):
+                for attempt in range(1, s.retry_passes + 2):
                     if pending.num_rows == 0:
                         break
                     if attempt > 1:
-                        time.sleep(s["retry_delay_s"])
+                        time.sleep(s.retry_delay_s)
                     folder = Path(work) / f"pass-{attempt}"
                     resumed += len(list((folder / "out").glob("*_stats.json")))  # shards a killed run finished
                     download_pass(pending, folder, s, attempt, hashing, position, records, images)
@@ -380,7 +384,7 @@ def download_part(matched: str, settings: dict, work: str, outputs: dict, counts
     return {"samples": len(status_rows), "resumed_shards": resumed, **by_status}
 
 
-def download_pass(rows: pa.Table, folder: Path, s: dict, attempt: int, hashing: "ShardHashing",
+def download_pass(rows: pa.Table, folder: Path, s: DownloadSettings, attempt: int, hashing: "ShardHashing",
                   position: dict, records: dict, images) -> None:
     """One img2dataset pass over `rows`. Each shard is finished (its hashes collected, its outcomes
     recorded, its images written) by one thread while img2dataset downloads the next, in img2dataset's
@@ -391,7 +395,7 @@ def download_pass(rows: pa.Table, folder: Path, s: dict, attempt: int, hashing: 
         shard = read_table(path).append_column("phash", pa.array(hashes)).append_column("decodes", pa.array(ok))
         # img2dataset writes a shard's rows in the order its threads finish: put them in input order.
         order = np.argsort([position[u] for u in shard.column("uid").to_pylist()], kind="stable")
-        keep_image(shard.take(pa.array(order)), attempt, s["encode_format"], records, images)
+        keep_image(shard.take(pa.array(order)), attempt, s.encode_format, records, images)
 
     with ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher:
         finishing = []
@@ -427,41 +431,152 @@ def keep_image(shard: pa.Table, attempt: int, encode_format: str, records: dict,
         images.write_table(pa.table({"uid": uid, "sha256": sha, "image": image}, schema=IMAGES_SCHEMA))
 
 
+class DownloadSettings(Section):
+    """img2dataset's own settings pass straight through; the rest is the egress policy."""
+
+    thread_count: int = Field(default=64, ge=1)
+    """img2dataset's download threads per task."""
+    timeout: int = Field(default=10, ge=1)
+    """Seconds img2dataset waits on one socket read."""
+    retries: int = Field(default=0, ge=0)
+    """img2dataset's immediate retries of a failed request."""
+    retry_passes: int = Field(default=1, ge=0)
+    """Later passes over the samples that failed for a retryable reason (timeouts, 5xx, 429, resets)."""
+    retry_delay_s: float = Field(default=2.0, ge=0)
+    """Seconds between retry passes."""
+    image_size: int = Field(default=256, ge=1)
+    """img2dataset's target side in pixels."""
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
+    """img2dataset's resize mode."""
+    resize_only_if_bigger: bool = True
+    """Leave images smaller than image_size as they are."""
+    min_image_size: int = Field(default=0, ge=0)
+    """img2dataset refuses images whose shorter side is smaller."""
+    max_image_area: float = float("inf")
+    """img2dataset refuses images of more pixels than this."""
+    max_aspect_ratio: float = float("inf")
+    """img2dataset refuses images more elongated than this."""
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    """How the stored images are encoded."""
+    encode_quality: int = Field(default=95, ge=0, le=100)
+    """The stored images' encoding quality."""
+    user_agent_token: str = "wit-builder"
+    """The token in the User-Agent header, and the one robots.txt rules are matched against."""
+    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    """X-Robots-Tag directives that make img2dataset refuse an image."""
+    max_pixels: int = Field(default=89_478_485, ge=1)
+    """Decompression bombs: images with more pixels are refused before a full decode (OpenCV's cap)."""
+    samples_per_shard: int = Field(default=1000, ge=1)
+    """Samples per img2dataset shard inside a partition: the unit of resume."""
+    allow_loopback: bool = False
+    """Fetch from 127.0.0.1 and ::1 (the egress proxy enforces its policy on every hop)."""
+    allow_networks: list[str] = []
+    """Networks (CIDRs) to fetch from although private, such as a NAS or an object store inside 10.0.0.0/8.
+    Link-local needs a network inside 169.254/16 or fe80::/10 listed, the cloud metadata address needs
+    itself (a /32 or /128); loopback is allow_loopback's alone."""
+    deadline_s: float = Field(default=30.0, gt=0)
+    """Seconds for a whole request, redirects included, not per read."""
+    max_bytes: int = Field(default=20 << 20, ge=1)
+    """A response body larger than this is cut off and refused."""
+    per_host_connections: int = Field(default=16, ge=1)
+    """Connections open to one host at once."""
+    per_host_rps: float = Field(default=0.0, ge=0)
+    """Requests per second to one host; 0: no rate limit."""
+    respect_robots_txt: bool = True
+    """Each site's robots.txt, for user_agent_token and img2dataset."""
+    opt_out_domains: list[str] = []
+    """Domains never fetched from, with their subdomains."""
+    opt_out_urls: list[str] = []
+    """Image URLs never fetched."""
+    replay: list[str] = input_path([])
+    """A miniature web: serve these WARC captures (and the fault routes) on 127.0.0.1 and send every host name
+    there. For the demo and tests; needs allow_loopback."""
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a network: write a CIDR such as 10.0.0.0/8 or fd00::/8") from None
+        return values
+
+    @model_validator(mode="after")
+    def _replay_needs_loopback(self) -> "DownloadSettings":
+        if self.replay and not self.allow_loopback:
+            raise ValueError("download.replay serves on 127.0.0.1: set download.allow_loopback = true")
+        return self
+
+
+FUNNEL = "SELECT 'download ' || status AS step, reason, count(*) AS rows FROM downloads GROUP BY status, reason"
+
+
+def _sizes_plot(con):
+    import matplotlib.pyplot as plt
+
+    sizes = con.execute("SELECT width, height FROM downloads WHERE status = 'success'").fetchall()
+    if not sizes:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, i, name in ((axes[0], 0, "width"), (axes[1], 1, "height")):
+        ax.hist([s[i] for s in sizes], bins=30, color="#55a868")
+        ax.set_xlabel(f"{name} (px)")
+    axes[0].set_ylabel("images")
+    fig.suptitle("Stored image sizes")
+    return fig
+
+
 class DownloadStage(Stage):
     name = "download"
-    upstream = "match"
+    needs = ("match",)
+    settings = DownloadSettings
+    provides = {"status": STATUS_SCHEMA, "images": IMAGES_SCHEMA, "log": None}
+    views = (View("downloads", "download/part-*.parquet"), View("images", "download/images/part-*.parquet"))
+    main_view = "downloads"
+    funnel = FUNNEL
+    kept = ("downloaded", "SELECT count(*) FROM downloads WHERE status = 'success'")
+    plots = (Plot("Width and height of the stored images", "sizes", _sizes_plot, ("downloads",)),)
     unit = "sample"
 
+    def empty_hint(self, probe) -> str | None:
+        if probe.count("downloads", "status = 'success'"):
+            return None
+        hint = probe.top("downloads", "status <> 'success'")
+        for reason, key in (("loopback_address", "download.allow_loopback"), ("timeout", "download.timeout")):
+            if reason in hint:
+                hint += f"; see {key}"
+                break
+        return f"all {probe.count('downloads')} downloads failed or were refused: {hint}"
+
     def plan(self, run: Run):
-        up = self.upstream_manifest(run)
-        settings = run.recipe.download.model_dump(mode="json")
-        settings["replay"] = run.recipe.paths(run.recipe.download.replay, "download.replay")
-        replay = [file_identity(p) for p in settings["replay"]]
+        up = self.needed(run, "match")
+        settings = run.recipe.download
+        settings = settings.model_copy(update={"replay": run.recipe.paths(settings.replay, "download.replay")})
+        replay = [file_identity(p) for p in settings.replay]
         out = run.stage_dir(self.name)
         b = run.recipe.balance
         cap = b.t * b.oversample
         tasks = []
-        for part in up.partitions:
-            key = part["key"]
+        for part in up.parts():
+            key = part.key
             outputs = {"status": str(out / f"part-{key}.parquet"),
                        "images": str(out / "images" / f"part-{key}.parquet"),
                        "log": str(out / "logs" / f"part-{key}.log")}
             progress = str(run.marker_path(self.name, key)) + ".progress"
-            tasks.append(Task(
-                stage=self.name, key=key, func=download_part,
-                kwargs={"matched": part["files"]["matched"], "settings": settings,
+            tasks.append(self.task(
+                run, key, download_part,
+                kwargs={"matched": part.file("matched"), "settings": settings,
                         "work": str(out / "_work" / key), "outputs": outputs,
-                        "counts": up.outputs["counts"], "cap": cap, "seed": run.recipe.run.seed,
+                        "counts": up.output("counts"), "cap": cap, "seed": run.recipe.run.seed,
                         "progress": progress, "robots_cache": str(out / "_robots")},
-                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, key)),
-                inputs={"version": VERSION, "upstream": part["fingerprint"], "settings": settings,
+                outputs=list(outputs.values()),
+                inputs={"version": VERSION, "upstream": part.fingerprint, "settings": settings.model_dump(mode="json"),
                         "replay": replay, "counts": up.fingerprint if cap else None, "cap": cap,
                         "seed": run.recipe.run.seed},
-                weight=part["info"].get("matched", 1) or 1, work=str(out / "_work" / key), progress=progress,
+                weight=part.info.get("matched", 1) or 1, work=str(out / "_work" / key), progress=progress,
             ))
         yield tasks
         infos = step_info(tasks)
-        return Manifest(self.name, [partition_entry(t, {**p["files"], **t.kwargs["outputs"]},
-                                                    {"success": i.get("success", 0)})
-                                    for t, p, i in zip(tasks, up.partitions, infos)],
-                        {k: up.outputs[k] for k in ("queries", "queries_fingerprint")})
+        return Manifest(self.name, [p.entry(t, t.kwargs["outputs"], {"success": i.get("success", 0)})
+                                    for t, p, i in zip(tasks, up.parts(), infos)])

@@ -7,19 +7,25 @@ pairs that match, and `matched/counts/part-<key>.parquet` (query_id, count), whi
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
 from wit_builder.errors import WitError
-from wit_builder.runner import Manifest, Stage, Task, partition_entry, read_manifest, step_info
+from wit_builder.recipe import Section
+from wit_builder.runner import Manifest, step_info
+from wit_builder.stage import Stage, View
 from wit_builder.workspace import Run, read_table, write_parquet
 
-from .matcher import QueryMatcher
 from ..sampling import query_counts, sum_counts_task
+from .matcher import QueryMatcher
 
 VERSION = 1
 COUNTS_SCHEMA = pa.schema([("query_id", pa.int32()), ("count", pa.int64())])
+MATCHED_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("text", pa.string()),
+                            ("page_url", pa.string()), ("query_ids", pa.list_(pa.int32()))])
 
 
 @lru_cache(maxsize=2)
@@ -49,39 +55,55 @@ def match_part(candidates: str, filtered: str, queries: str, stamp: str, mode: s
             "automaton_build_s": round(matcher.build_seconds, 2)}
 
 
-def query_list(run: Run, needed_by: str) -> tuple[str, str]:
-    """The completed query list's path and fingerprint."""
-    manifest = read_manifest(run, "queries", needed_by=needed_by)
-    return manifest.outputs["reduce"][0], manifest.fingerprint
+class MatchSettings(Section):
+    """Which pairs a query claims."""
+
+    mode: Literal["words", "metaclip"] = "words"
+    """`words`: a query matches whole words of the caption (case-insensitive); `metaclip`: a substring
+    match, as MetaCLIP does."""
+    batch_size: int = Field(default=200_000, ge=1)
+    """Captions per call of the matcher."""
+
+
+FUNNEL = "SELECT 'matched' AS step, NULL AS reason, count(*) AS rows FROM matched"
 
 
 class MatchStage(Stage):
     name = "match"
-    upstream = "filter"
+    needs = ("queries", "filter")
+    settings = MatchSettings
+    provides = {"matched": MATCHED_SCHEMA, "counts": COUNTS_SCHEMA}
+    views = (View("matched", "matched/part-*.parquet"), View("match_counts", "matched/counts/part-*.parquet"))
+    main_view = "matched"
+    funnel = FUNNEL
+    kept = ("matched", "SELECT count(*) FROM matched")
+
+    def empty_hint(self, probe) -> str | None:
+        if probe.count("matched"):
+            return None
+        return f"no caption of the {probe.count('filtered', 'ok')} kept contains a query; see [match] and the query list"
 
     def plan(self, run: Run):
-        up = self.upstream_manifest(run)
-        queries, stamp = query_list(run, self.name)
+        up = self.needed(run, "filter")
+        queries = self.needed(run, "queries")
         m = run.recipe.match
         out = run.stage_dir("matched")
         tasks = []
-        for part in up.partitions:
-            outputs = {"matched": str(out / f"part-{part['key']}.parquet"),
-                       "counts": str(out / "counts" / f"part-{part['key']}.parquet")}
-            tasks.append(Task(
-                stage=self.name, key=part["key"], func=match_part,
-                kwargs={"candidates": part["files"]["candidates"], "filtered": part["files"]["filtered"],
-                        "queries": queries, "stamp": stamp, "mode": m.mode, "batch_size": m.batch_size,
-                        "outputs": outputs},
-                outputs=list(outputs.values()), marker=str(run.marker_path(self.name, part["key"])),
-                inputs={"version": VERSION, "upstream": part["fingerprint"], "mode": m.mode, "queries": stamp},
-                weight=part["info"].get("candidates", 1) or 1))
+        for part in up.parts():
+            outputs = {"matched": str(out / f"part-{part.key}.parquet"),
+                       "counts": str(out / "counts" / f"part-{part.key}.parquet")}
+            tasks.append(self.task(
+                run, part.key, match_part,
+                kwargs={"candidates": part.file("candidates"), "filtered": part.file("filtered"),
+                        "queries": queries.output("queries"), "stamp": queries.fingerprint, "mode": m.mode,
+                        "batch_size": m.batch_size, "outputs": outputs},
+                outputs=list(outputs.values()),
+                inputs={"version": VERSION, "upstream": part.fingerprint, "mode": m.mode, "queries": queries.fingerprint},
+                weight=part.info.get("candidates", 1) or 1))
         yield tasks
         total = str(out / "query_counts.parquet")
-        reduce = sum_counts_task(self.name, run, tasks, total)
+        reduce = sum_counts_task(self, run, tasks, total)
         yield [reduce]
         infos = step_info(tasks)
-        return Manifest(self.name, [partition_entry(t, {**p["files"], **t.kwargs["outputs"]},
-                                                    {"matched": i.get("matched", 0)})
-                                    for t, p, i in zip(tasks, up.partitions, infos)],
-                        {"counts": total, "queries": queries, "queries_fingerprint": stamp})
+        return Manifest(self.name, [p.entry(t, t.kwargs["outputs"], {"matched": i.get("matched", 0)})
+                                    for t, p, i in zip(tasks, up.parts(), infos)], {"counts": total})
