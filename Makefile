@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup demo test test-fast queries candidates filter match download dedup balance shards corpus \
+.PHONY: setup demo test test-fast lint docs queries candidates filter match download dedup balance shards corpus \
 	train stamps-eval fashion stats report status sql bench clean
 
 ## setup: build .venv (idempotent); WordNet 3.0, Fashion-MNIST and Tux Paint's stamps if they are
@@ -54,9 +54,17 @@ demo: setup
 	@echo "Shards:     $(RUN_DIR)/shards/ (WebDataset tars, sizes.json, shards.parquet)"
 	@echo "Ask it anything:  $(BIN)/wit sql $(RUN_DIR) \"SELECT reason, count(*) FROM dedup GROUP BY 1\""
 
-## test: the whole test suite (slow tests included)
-test: setup
+## test: lint, then the whole test suite (slow tests included)
+test: setup lint
 	$(BIN)/python -m pytest -q --durations=20  # the slowest tests, to keep the suite near 20 minutes
+
+## lint: ruff, with the project's rules (pyproject.toml)
+lint: setup
+	$(BIN)/ruff check .
+
+## docs: regenerate docs/recipe.md from the recipe models (a test fails when it is stale)
+docs: setup
+	$(BIN)/python -m wit_builder.recipe_doc docs/recipe.md
 
 ## test-fast: the suite without the slow end-to-end tests
 test-fast: setup

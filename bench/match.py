@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from pipelines.candidates.stage import extract  # noqa: E402
 from pipelines.match.matcher import QueryMatcher  # noqa: E402
 from queries.stage import build_query_list  # noqa: E402
-from wit_builder.recipe import QuerySettings  # noqa: E402
+from queries.stage import QuerySettings  # noqa: E402
 
 TABLE = REPO / "data/wordcounts/wikipedia-word-counts.txt.gz"
 WARCS = sorted((REPO / "data/warc").glob("*.warc.gz"))
@@ -46,7 +46,7 @@ def build_queries(tmp: Path, wordnet: int = 86_654, unigram: int = 413_346) -> t
         with gzip.open(TABLE, "rb") as src, gzip.open(table, "wb", compresslevel=1) as dst:
             dst.writelines(itertools.islice(src, 3 * unigram))
     wordnet_dir = "/usr/share/wordnet" if Path("/usr/share/wordnet/data.noun").exists() else ""  # make setup
-    build_query_list([], str(table), wordnet_dir, [], s.model_dump(mode="json"), str(tmp))
+    build_query_list([], str(table), wordnet_dir, [], s, str(tmp))
     table = pq.read_table(tmp / "queries.parquet")
     return table.column("query").to_pylist(), table.column("count").to_pylist()
 

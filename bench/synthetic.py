@@ -59,7 +59,7 @@ def write_queries(run_dir: Path) -> dict:
                       "views": pa.array([None] * n, pa.int64()), "inlinks": pa.array([None] * n, pa.int64())})
     write_parquet(table, path)
     (run_dir / "queries" / "queries.txt").write_text("".join(f"q{i}\n" for i in range(n)))
-    return {"reduce": [str(path), str(run_dir / "queries" / "queries.txt")]}
+    return {"queries": str(path), "queries_txt": str(run_dir / "queries" / "queries.txt")}
 
 
 def write_manifest(run_dir: Path, stage: str, partitions: list[dict], outputs: dict) -> str:
@@ -83,7 +83,6 @@ def build(root: str | Path, name: str, n: int, partitions: int, seed: int = 0, e
     pool_sha = [hashlib.sha256(b).hexdigest() for b in pool]
     queries = write_queries(run_dir)
     write_manifest(run_dir, "queries", [], queries)
-    qfp = json.loads((run_dir / "_state/queries/_manifest.json").read_text())["fingerprint"]
 
     # Every pair's identity, then the planted copies pointing at earlier pairs.
     uid = rng.integers(0, 2**63, n, dtype=np.uint64) | (rng.integers(0, 2, n, dtype=np.uint64) << np.uint64(63))
@@ -148,7 +147,7 @@ def build(root: str | Path, name: str, n: int, partitions: int, seed: int = 0, e
                                         "image": pa.array(images[a:a + 1000], pa.binary())}, schema=schema))
         entries.append({"key": key, "fingerprint": fingerprint([name, n, partitions, seed, p]), "files": files,
                         "info": {"success": int(len(rows))}})
-    write_manifest(run_dir, "download", entries, {"queries": queries["reduce"][0], "queries_fingerprint": qfp})
+    write_manifest(run_dir, "download", entries, {})
     recipe_path = root / f"{name}.toml"
     doc = {"run": {"name": name, "root": str(root), "workers": 2},
            "queries": {"unigram_counts": "unused.txt", "wordnet": ""}, **(recipe or {})}

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from queries.stage import build_query_list  # noqa: E402
-from wit_builder.recipe import QuerySettings  # noqa: E402
+from queries.stage import QuerySettings  # noqa: E402
 
 TABLE = REPO / "data/wordcounts/wikipedia-word-counts.txt.gz"
 WORDNET = Path("/usr/share/wordnet")
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help=f"--lines {SMOKE_LINES}")
     args = parser.parse_args()
     lines = SMOKE_LINES if args.smoke and not args.lines else args.lines
-    settings = QuerySettings().model_dump(mode="json")
+    settings = QuerySettings()
     wordnet = str(WORDNET) if (WORDNET / "data.noun").exists() else ""
     if not wordnet:
         print(f"WordNet not found at {WORDNET} (make setup): the table alone")

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import re
 import string
-from functools import lru_cache
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from wit_builder.language import identify
 from wit_builder.recipe import Section
 from wit_builder.runner import Manifest
 from wit_builder.shuffle import read_slice
@@ -63,13 +63,6 @@ _FILE_NAME = re.compile(
 _EDGE_PUNCT = string.punctuation + string.whitespace
 
 
-@lru_cache(maxsize=1)
-def _language_identifier():
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-
-
 def judge(text: str, s: FilterSettings, boilerplate: frozenset) -> tuple[str | None, str]:
     """(reason or None, cleaned text) for one caption under the filter settings `s`."""
     if s.fix_text and not text.isascii():
@@ -96,7 +89,7 @@ def judge(text: str, s: FilterSettings, boilerplate: frozenset) -> tuple[str | N
     if text.lower().strip(_EDGE_PUNCT) in boilerplate:
         return "boilerplate", text
     if s.languages:
-        lang, confidence = _language_identifier().classify(text)
+        lang, confidence = identify(text)
         if lang not in s.languages and confidence >= s.min_language_confidence:
             return f"language:{lang}", text
     return None, text

@@ -198,8 +198,9 @@ class ShardSettings(Section):
     """The WebDataset tar shards."""
 
     samples_per_shard: int = Field(default=10_000, ge=1)
-    """Shards hold at most about samples_per_shard samples and max_shard_mb, whichever is fewer."""
+    """Samples per shard, at most about (the shard is cut sooner at max_shard_mb)."""
     max_shard_mb: float = Field(default=1024.0, gt=0)
+    """MB per shard, at most about (the shard is cut sooner at samples_per_shard)."""
     buckets: int = Field(default=0, ge=0)
     """Buckets of the shard shuffle (each holds its samples in memory to order them); 0: sized from the kept
     bytes, about 256 MB each."""

@@ -55,9 +55,9 @@ def write_recipe(tmp_path: Path, name: str = "t", run: dict | None = None, **que
     return path
 
 
-def wit(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+def wit(*args: str, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """The real `wit` command line, in a subprocess."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**(env or os.environ), "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-m", "wit_builder.cli", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, env=env, **kw)
     if check and proc.returncode != 0:

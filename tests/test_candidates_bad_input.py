@@ -296,3 +296,25 @@ def test_a_warc_that_yields_no_page_says_so(tmp_path, caplog):
     assert info["pages"] == 0 and rows == []
     assert [(r["reason"], r["detail"]) for r in rejects] == [("not_html", "image/png")] * 3
     assert "images-only.warc: no HTML pages in 3 responses" in caplog.text
+
+
+def test_a_file_named_parquet_that_is_not_parquet_is_one_error_naming_it(tmp_path):
+    """Planning does not stop with pyarrow's traceback: that input's partition fails with its name,
+    and the good input beside it completes."""
+    import tomli_w
+
+    from conftest import wit
+
+    (tmp_path / "good.csv").write_text("url,caption\nhttp://a.example/cat.jpg,a cat on a mat\n")
+    (tmp_path / "pairs.parquet").write_text("url,caption\nhttp://b.example/dog.jpg,not parquet at all\n")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(tomli_w.dumps({
+        "run": {"name": "r", "root": str(tmp_path / "runs"), "workers": 1},
+        "queries": {"wordnet": "", "unigram_counts": str(tmp_path / "good.csv")},
+        "candidates": {"inputs": [str(tmp_path / "good.csv"), str(tmp_path / "pairs.parquet")]}}))
+    proc = wit("run", recipe, "--stage", "candidates", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "1 of 2 partitions failed" in proc.stderr
+    assert f"{tmp_path / 'pairs.parquet'}: not a readable parquet file" in proc.stderr
+    good = pq.read_table(tmp_path / "runs/r/candidates/part-good.csv.parquet")
+    assert good.column("text").to_pylist() == ["a cat on a mat"]

@@ -39,7 +39,7 @@ def test_sql_answers_over_the_stage_parquet(sample_run):
 
 def test_sql_error_lists_the_views(sample_run):
     proc = wit("sql", sample_run, "SELECT * FROM nope", check=False)
-    assert proc.returncode == 2 and "views: dump_errors, queries" in proc.stderr
+    assert proc.returncode == 2 and "views: dump_errors, funnel, queries" in proc.stderr
 
 
 def test_sql_to_parquet(sample_run, tmp_path):

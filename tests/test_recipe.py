@@ -1,6 +1,11 @@
+"""Recipes: strict, typed, relative to their file, and documented by the code."""
+
+import typing
+
 import pytest
 
 from wit_builder.errors import WitError
+from conftest import REPO
 from wit_builder.recipe import load_recipe
 
 REPO_DEMO = "pipelines/recipes/demo.toml"
@@ -76,3 +81,24 @@ def test_allow_networks_must_be_networks(tmp_path):
     with pytest.raises(WitError) as e:
         load_recipe(path)
     assert "download.allow_networks" in str(e.value) and "'10.0.0.0/33' is not a network" in str(e.value)
+
+
+def test_the_recipe_reference_is_generated_from_the_code_and_current():
+    from wit_builder.recipe_doc import render
+
+    assert (REPO / "docs/recipe.md").read_text() == render(), "docs/recipe.md is stale: run make docs"
+
+
+def test_every_recipe_key_says_what_it_means():
+    from wit_builder.recipe import Section, recipe_model
+
+    def undocumented(model, prefix):
+        for key, field in model.model_fields.items():
+            if not field.exclude:
+                if not field.description and prefix:  # a top-level section: its class says it
+                    yield f"{prefix}{key}"
+                for t in (field.annotation, *typing.get_args(field.annotation)):
+                    if isinstance(t, type) and issubclass(t, Section):
+                        yield from undocumented(t, f"{prefix}{key}.")
+
+    assert list(undocumented(recipe_model(), "")) == []

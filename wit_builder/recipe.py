@@ -11,7 +11,7 @@ import os
 import tomllib
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -213,11 +213,14 @@ def _allowed_keys(loc: tuple) -> str:
     model: type[BaseModel] = recipe_model()
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(
-            field.annotation, BaseModel
-        ):
+        if field is None:
             return ""
-        model = field.annotation
+        # An optional section is `Section | None`: look through the None.
+        models = [t for t in (get_args(field.annotation) or (field.annotation,))
+                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not models:
+            return ""
+        model = models[0]
     names = [n for n, f in model.model_fields.items() if not f.exclude]
     return "; allowed: " + ", ".join(names)
 

@@ -15,6 +15,7 @@ import tarfile
 from pathlib import Path
 
 from . import sql, stats, storage, workspace
+from .language import identify, stop_words
 from .stage import views_named
 
 
@@ -82,7 +83,8 @@ def _plots(con, views: set[str]) -> list[str]:
 def _gallery(run_dir: Path, per_query: int = 4, queries: int = 6, samples: int = 1000) -> str:
     """Thumbnails of a few samples for the queries with the most samples in the first shards, read
     until `samples` (the shards hold the samples in a random order, so their first ones are a fair
-    sample of a corpus of any size)."""
+    sample of a corpus of any size). A query that is a stop word of its caption's language ("a",
+    "the", "der") says nothing about the images, so it is passed over."""
     from PIL import Image
 
     by_query: dict[str, list[tuple[str, bytes, str]]] = {}
@@ -103,7 +105,8 @@ def _gallery(run_dir: Path, per_query: int = 4, queries: int = 6, samples: int =
                 caption = tf.extractfile(members[f"{key}.txt"]).read().decode() if f"{key}.txt" in members else ""
                 if image is None:
                     continue
-                for q in meta.get("queries", [])[:3]:
+                stop = caption_stop_words(caption)
+                for q in [q for q in meta.get("queries", []) if q.lower() not in stop][:3]:
                     by_query.setdefault(q, []).append((key, image, caption))
     if not by_query:
         return "<p>No shards yet.</p>"
@@ -121,6 +124,12 @@ def _gallery(run_dir: Path, per_query: int = 4, queries: int = 6, samples: int =
                          f"<figcaption>{html.escape(caption[:60])}</figcaption></figure>")
         parts.append(f'<h3>{html.escape(q)}</h3><div class="gallery">{"".join(cells)}</div>')
     return "".join(parts)
+
+
+def caption_stop_words(caption: str) -> frozenset[str]:
+    """The stop words of the caption's language (English's where the language is unsure)."""
+    lang, confidence = identify(caption) if caption.strip() else ("en", 0.0)
+    return stop_words(lang if confidence >= 0.5 else "en")
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

@@ -1,14 +1,14 @@
 """The stage runner: plan a stage's steps, skip the complete tasks, run the rest on a local process
 pool or on Ray, and write the stage's manifest.
 
-A stage is a sequence of steps; a step is a list of `Task`s, each a top-level function over one
-partition (or one shuffle bucket) that writes its own output files atomically. Nothing is shared in
-memory, which is what makes the local pool and a Ray cluster interchangeable: both call the same
-`execute` on the same task and produce the same bytes.
+A stage (wit_builder/stage.py) is a sequence of steps; a step is a list of `Task`s, each a top-level
+function over one partition (or one shuffle bucket) that writes its own output files atomically.
+Nothing is shared in memory, which is what makes the local pool and a Ray cluster interchangeable:
+both call the same `execute` on the same task and produce the same bytes.
 
-A stage plans from its upstream stage's manifest (`_state/<stage>/_manifest.json`, written when the
-stage completes: its partitions, their output files and fingerprints), never by re-planning the stages
-above it, so the driver holds O(partitions), never samples.
+A stage plans from the manifests of the stages it needs (`_state/<stage>/_manifest.json`, written
+when a stage completes: its partitions, their files and fingerprints), never by re-planning the
+stages above it, so the driver holds O(partitions), never samples.
 """
 
 from __future__ import annotations

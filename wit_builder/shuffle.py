@@ -174,10 +174,6 @@ def read_slice(path: str | Path, part: int, columns: list[str] | None = None) ->
     return read_table(path, columns=columns, filters=[("part", "=", part)])
 
 
-def sort_by_part(table: pa.Table, keys: list[str]) -> pa.Table:
-    return table.sort_by([("part", "ascending")] + [(k, "ascending") for k in keys])
-
-
 SLICE_ROW_GROUP = 65_536  # rows per row group of a part-sorted side table
 
 

@@ -170,7 +170,8 @@ def data_flow_order(stages: list[Stage]) -> list[Stage]:
         state[name] = "done"
         order.append(stage)
         for r in refiners[name]:
-            visit(r.name, name)
+            if state.get(r.name) != "visiting":  # else it is placed when its own visit ends
+                visit(r.name, name)
 
     for s in stages:
         visit(s.name, s.name)

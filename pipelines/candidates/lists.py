@@ -21,13 +21,17 @@ from .collector import Collector
 
 log = logging.getLogger("wit")
 
+
 def plan_input(path: str, kind: str, partition_rows: int) -> list[tuple[int, int | None]]:
     """Bounded partitions of one input, as (start, end): parquet row ranges; uncompressed CSV/TSV/JSONL
     byte ranges, each owning the lines that start in it, sized from the first megabyte's bytes per
     line; anything else (WARC, WAT, compressed lists) one partition, (0, None)."""
     if kind == "parquet":  # row ranges; a task reads only the row groups its range touches
-        with storage.open_input(path) as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
+        try:
+            with storage.open_input(path) as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+        except pa.ArrowException:  # not parquet: one partition, whose task names the file and fails
+            return [(0, None)]
         return [(a, min(a + partition_rows, rows)) for a in range(0, rows, partition_rows)] or [(0, 0)]
     if kind in ("csv", "tsv", "jsonl") and not Path(path).name.lower().endswith((".gz", ".bz2", ".zst")):
         size = storage.size(path)
@@ -80,7 +84,10 @@ def read_list(path: str, kind: str, start: int, end: int | None,
     name = Path(path).name
     if kind == "parquet":
         with storage.open_input(path) as handle:
-            f = pq.ParquetFile(handle)
+            try:
+                f = pq.ParquetFile(handle)
+            except pa.ArrowException as e:
+                raise WitError(f"not a readable parquet file ({e})", where=path) from None
             stop = end if end is not None else f.metadata.num_rows
             tables, first = [], 0
             for g in range(f.metadata.num_row_groups):

@@ -443,7 +443,7 @@ class EvalSetSettings(Section):
     """An evaluation set whose images (and their near duplicates) are kept out of the corpus."""
 
     name: str
-    """The name that dedup's `reason` gives (`eval:NAME`)."""
+    """The set's name: a removed image's `dup_of` is `NAME:ID`, its reason `eval_overlap`."""
     kind: Literal["folder", "webdataset", "fashion-mnist"]
     """`folder`: image files under a folder; `webdataset`: tar shards; `fashion-mnist`: the IDX files."""
     path: str
@@ -459,7 +459,8 @@ class DedupSettings(Section):
     eval_sets: list[EvalSetSettings] = []
     """Evaluation sets to decontaminate against."""
     buckets: int = Field(default=0, ge=0)
-    """Buckets of the dedup shuffle; 0: sized from the image count, about 8M hash records each."""
+    """Buckets of the dedup shuffle; 0: sized from the image count, about 4M hash records each (a
+    bucket task then peaks near 1 GB)."""
 
 
 FUNNEL = """
