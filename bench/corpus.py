@@ -39,10 +39,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.sampling import keep_mask  # noqa: E402
-from pipelines.dedup.neardup import brute_force_pairs, near_duplicate_pairs  # noqa: E402
-from pipelines.phash import phash_bytes  # noqa: E402
-from wit_builder.tar import write_samples, write_shard  # noqa: E402
+from pipelines.dedup.neardup import brute_force_pairs, near_duplicate_pairs
+from pipelines.phash import phash_bytes
+from pipelines.sampling import keep_mask
+from wit_builder.tar import write_samples, write_shard
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "retina.jpg",
           "hubble_deep_field.jpg", "camera.png", "moon.png", "horse.png", "brick.png", "grass.png"]

@@ -31,11 +31,16 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.download.stage import download_part, egress_environment, egress_policy, output_to  # noqa: E402
-from pipelines.download.egress import EgressProxy  # noqa: E402
-from pipelines.download.miniweb import MiniWeb  # noqa: E402
-from wit_builder.ids import uid  # noqa: E402
-from pipelines.download.stage import DownloadSettings  # noqa: E402
+from pipelines.download.egress import EgressProxy
+from pipelines.download.miniweb import MiniWeb
+from pipelines.download.stage import (
+    DownloadSettings,
+    download_part,
+    egress_environment,
+    egress_policy,
+    output_to,
+)
+from wit_builder.ids import uid
 
 
 def raw_img2dataset(urls: list[str], out: Path, threads: int) -> float:

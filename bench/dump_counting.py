@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from queries.counting import OUTPUTS, TokenCounter, count_part  # noqa: E402
+from queries.counting import OUTPUTS, TokenCounter, count_part
 
 FULL_ENWIKI_XML_GB = 22
 CORES = 16
@@ -46,7 +46,6 @@ def wit_counts(dump: Path, out: Path, repeats: int = 3) -> tuple[float, Counter]
 
 def baseline_counts(xml: Path) -> tuple[float, Counter]:
     import mwxml
-
     from baselines import mwparser_plain_text
 
     t = time.perf_counter()

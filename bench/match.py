@@ -28,10 +28,12 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.candidates.stage import extract  # noqa: E402
-from pipelines.match.matcher import QueryMatcher  # noqa: E402
-from queries.stage import build_query_list  # noqa: E402
-from queries.stage import QuerySettings  # noqa: E402
+from pipelines.candidates.stage import extract
+from pipelines.match.matcher import QueryMatcher
+from queries.stage import (
+    QuerySettings,
+    build_query_list,
+)
 
 TABLE = REPO / "data/wordcounts/wikipedia-word-counts.txt.gz"
 WARCS = sorted((REPO / "data/warc").glob("*.warc.gz"))

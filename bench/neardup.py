@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.dedup.stage import BAND_SCHEMA, RECORDS_PER_BUCKET, band_records, near_edges  # noqa: E402
-from pipelines.dedup.neardup import band_r, near_duplicate_pairs  # noqa: E402
-from wit_builder.shuffle import read_bucket, scatter  # noqa: E402
+from pipelines.dedup.neardup import band_r, near_duplicate_pairs
+from pipelines.dedup.stage import BAND_SCHEMA, RECORDS_PER_BUCKET, band_records, near_edges
+from wit_builder.shuffle import read_bucket, scatter
 
 GOAL = 500_000
 

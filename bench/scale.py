@@ -36,8 +36,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 STAGES = ("dedup", "balance", "shards")
 MB = 1 << 20
-CODE = ["pipelines/dedup.py", "pipelines/balance.py", "pipelines/shard.py", "pipelines/neardup.py",
-        "wit_builder/runner.py", "wit_builder/shuffle.py", "wit_builder/workspace.py", "wit_builder/tar.py"]
+CODE = ["pipelines/dedup/stage.py", "pipelines/balance.py", "pipelines/shard.py", "pipelines/dedup/neardup.py",
+        "wit_builder/runner.py", "wit_builder/stage.py", "wit_builder/shuffle.py", "wit_builder/workspace.py",
+        "wit_builder/tar.py"]
 
 
 # --- one size, in a subprocess ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wit_builder import sql, stats  # noqa: E402
+from wit_builder import sql, stats
 
 
 def strings(prefix: str, numbers: np.ndarray) -> pa.Array:

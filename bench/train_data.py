@@ -25,8 +25,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 # torch, open_clip and the trainer are imported where they are used, so that bench/train_throughput.py
 # can borrow make_shards without paying for them.
-from corpus import PHOTOS, photos  # noqa: E402
-from wit_builder.tar import write_shard  # noqa: E402
+from corpus import PHOTOS, photos
+
+from wit_builder.tar import write_shard
 
 CAPTIONS = ["{} on a wooden table, seen from above in soft morning light",
             "close-up photo of a {} at the museum", "{}", "a {} and its reflection, 35mm film",

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from train_data import make_shards  # noqa: E402
+from train_data import make_shards
 
 # open_clip_train only knows the configs registered in its own process, and its sample grouper
 # predates the end-of-shard markers webdataset 0.2.1xx yields: turn them off for it.

@@ -24,8 +24,10 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from queries.stage import build_query_list  # noqa: E402
-from queries.stage import QuerySettings  # noqa: E402
+from queries.stage import (
+    QuerySettings,
+    build_query_list,
+)
 
 TABLE = REPO / "data/wordcounts/wikipedia-word-counts.txt.gz"
 WORDNET = Path("/usr/share/wordnet")

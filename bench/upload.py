@@ -20,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wit_builder import storage, workspace  # noqa: E402
-from wit_builder.tar import write_samples, write_shard  # noqa: E402
+from wit_builder import storage, workspace
+from wit_builder.tar import write_samples, write_shard
 
 IMAGE_BYTES = 60_000  # a 256-px JPEG, about
 

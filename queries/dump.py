@@ -17,10 +17,10 @@ from __future__ import annotations
 import bz2
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from wit_builder import storage
 from wit_builder.errors import WitError

@@ -109,9 +109,10 @@ class Site:
             keys.update(k.split())
             units.update(u.split())
         self.image_words = frozenset(words)
-        self._image_key = re.compile(r"(?:%s)\s*=" % "|".join(map(re.escape, sorted(keys))), re.I)
-        self._image_size = re.compile(r"(?=.*\d)\d*(?:x\d+)?\s*(?:%s)" % "|".join(
-            map(re.escape, sorted(units, key=len, reverse=True))), re.I)
+        key_names = "|".join(map(re.escape, sorted(keys)))
+        unit_names = "|".join(map(re.escape, sorted(units, key=len, reverse=True)))
+        self._image_key = re.compile(rf"(?:{key_names})\s*=", re.I)
+        self._image_size = re.compile(rf"(?=.*\d)\d*(?:x\d+)?\s*(?:{unit_names})", re.I)
 
     def namespace_of(self, title: str) -> int:
         """The namespace of a page title from its prefix (for dumps without `<ns>` tags)."""

@@ -4,8 +4,8 @@ import bz2
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import FOOTER, HEADER, page_xml, wit, write_dump, write_recipe
+
 from queries.counting import count_part
 from queries.dump import DumpPart, iter_page_bytes
 from wit_builder.errors import WitError

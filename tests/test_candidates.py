@@ -6,10 +6,11 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, write_recipe
+
 from pipelines.candidates.html import largest_srcset
-from pipelines.candidates.stage import CandidatesStage, extract as extract_part
+from pipelines.candidates.stage import CandidatesStage
+from pipelines.candidates.stage import extract as extract_part
 from pipelines.urls import normalise_url
 from wit_builder.errors import WitError
 from wit_builder.recipe import load_recipe

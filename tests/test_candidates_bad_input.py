@@ -302,7 +302,6 @@ def test_a_file_named_parquet_that_is_not_parquet_is_one_error_naming_it(tmp_pat
     """Planning does not stop with pyarrow's traceback: that input's partition fails with its name,
     and the good input beside it completes."""
     import tomli_w
-
     from conftest import wit
 
     (tmp_path / "good.csv").write_text("url,caption\nhttp://a.example/cat.jpg,a cat on a mat\n")

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import SAMPLE_DUMP, wit, write_recipe
+
 from wit_builder.ids import seeded_uniform, uid
 
 

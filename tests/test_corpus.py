@@ -15,15 +15,15 @@ import imagehash
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import REPO, wit
-from pipelines.sampling import keep_mask
-from pipelines.download.miniweb import MiniWeb
-from pipelines.dedup.neardup import blocks, brute_force_pairs, close_pairs, near_duplicate_pairs
-from pipelines.phash import flatten_on_white, has_alpha, phash_bytes
-from wit_builder.tar import safe_key
+from PIL import Image
 from test_download import ARCHIVE, archive_images, make_run
+
+from pipelines.dedup.neardup import blocks, brute_force_pairs, close_pairs, near_duplicate_pairs
+from pipelines.download.miniweb import MiniWeb
+from pipelines.phash import flatten_on_white, has_alpha, phash_bytes
+from pipelines.sampling import keep_mask
+from wit_builder.tar import safe_key
 
 
 def real_images():

@@ -4,8 +4,8 @@ import re
 from collections import Counter
 
 import pyarrow.parquet as pq
-
 from conftest import write_dump
+
 from queries.counting import count_part
 from queries.wikitext import normalise_title, wikitext_to_text
 
@@ -82,6 +82,7 @@ def test_real_sample_unigrams_agree_with_mwparserfromhell(sample_xml, tmp_path):
     import xml.etree.ElementTree as ET
 
     from conftest import REPO
+
     from queries.wikitext import tokenize
 
     sys.path.insert(0, str(REPO / "bench"))

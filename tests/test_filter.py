@@ -2,8 +2,7 @@
 
 import pytest
 
-from pipelines.filter import judge
-from pipelines.filter import FilterSettings
+from pipelines.filter import FilterSettings, judge
 
 SETTINGS = FilterSettings()
 BOILER = frozenset(SETTINGS.boilerplate)

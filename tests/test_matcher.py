@@ -95,6 +95,7 @@ def test_nested_and_overlapping_queries_all_match():
 def test_real_captions_against_the_reference(tmp_path):
     """Real alt texts from the archive WARC against real query entries."""
     from conftest import REPO
+
     from pipelines.candidates.stage import extract
 
     outputs = {"candidates": str(tmp_path / "c.parquet"), "rejects": str(tmp_path / "r.parquet")}

@@ -11,8 +11,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import tomli_w
-
 from conftest import REPO, needs_fashion, needs_wordnet, wit
+
 from trainer import data, fashion
 from wit_builder.errors import WitError
 from wit_builder.storage import LocalS3, forget_clients, identity
@@ -326,6 +326,7 @@ def test_tables_eval_sets_and_replay_warcs_read_from_s3_like_local_ones(s3, tmp_
     import tarfile
 
     from conftest import FASHION
+
     from pipelines.dedup.stage import eval_hashes
     from pipelines.download.miniweb import load_captures
     from queries.tables import read_unigram_table
@@ -333,7 +334,7 @@ def test_tables_eval_sets_and_replay_warcs_read_from_s3_like_local_ones(s3, tmp_
     fs = fsspec.filesystem("s3")
     bucket = s3.bucket("wit-more-inputs")
     table = tmp_path / "counts.txt.gz"
-    table.write_bytes(gzip.compress("cat;500\ndog\t300\nr&amp;b;200\nbroken line\n".encode()))
+    table.write_bytes(gzip.compress(b"cat;500\ndog\t300\nr&amp;b;200\nbroken line\n"))
     fs.put_file(str(table), f"{bucket}/counts.txt.gz")
     assert read_unigram_table(f"{bucket}/counts.txt.gz") == read_unigram_table(table) == {"cat": 500, "dog": 300, "r&b": 200}
 

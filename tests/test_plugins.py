@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO, WORD_COUNTS, wit
 
 WARC = REPO / "data/warc/aut-example-2008.warc.gz"

@@ -9,8 +9,8 @@ from xml.sax.saxutils import escape
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import write_dump, write_recipe
+
 from queries.counting import OUTPUTS, count_part
 from queries.dump import DumpPart, iter_page_bytes, parse_site, plan_parts, read_site, write_multistream
 from queries.stage import QueriesStage

@@ -5,8 +5,8 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import WORD_COUNTS, WORDNET, needs_wordnet, write_dump, write_recipe
+
 from queries.stage import QueriesStage
 from queries.tables import read_unigram_table
 from queries.wordnet import wordnet_entries

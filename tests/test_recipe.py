@@ -3,9 +3,9 @@
 import typing
 
 import pytest
+from conftest import REPO
 
 from wit_builder.errors import WitError
-from conftest import REPO
 from wit_builder.recipe import load_recipe
 
 REPO_DEMO = "pipelines/recipes/demo.toml"
@@ -63,6 +63,7 @@ def test_resolved_recipe_is_saved_in_the_run(tmp_path):
     import tomllib
 
     from conftest import write_recipe
+
     from wit_builder.workspace import Run
 
     recipe = load_recipe(write_recipe(tmp_path, wikipedia=["dump.xml.bz2"]))

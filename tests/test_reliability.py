@@ -9,7 +9,6 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import tomli_w
-
 from conftest import REPO, wit
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, SAMPLE_DUMP, wit, write_recipe
+
 from queries.dump import plan_parts
 from queries.stage import QueriesStage
 from wit_builder.recipe import load_recipe

@@ -20,8 +20,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import tomli_w
-
 from conftest import REPO, wit
+
 from pipelines.candidates.lists import plan_input, read_list
 from pipelines.dedup.neardup import brute_force_pairs
 from pipelines.phash import phash_bytes

@@ -9,14 +9,14 @@ import ftfy
 import pyarrow.parquet as pq
 import pytest
 import tomli_w
-
 from conftest import REPO, wit
-from pipelines.candidates.collector import Collector
-from pipelines.candidates.warc import read_warc
-from pipelines.download.miniweb import MiniWeb
-from pipelines.demo.stamps import HOST, STAMPS, build, find_stamps
 from test_corpus import CHROMIUM
 from test_download import make_run
+
+from pipelines.candidates.collector import Collector
+from pipelines.candidates.warc import read_warc
+from pipelines.demo.stamps import HOST, STAMPS, build, find_stamps
+from pipelines.download.miniweb import MiniWeb
 
 pytestmark = pytest.mark.skipif(not STAMPS.is_dir(), reason="tuxpaint-stamps-default is not installed (make setup)")
 

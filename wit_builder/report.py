@@ -114,7 +114,7 @@ def _gallery(run_dir: Path, per_query: int = 4, queries: int = 6, samples: int =
     parts = []
     for q in chosen:
         cells = []
-        for key, image, caption in by_query[q][:per_query]:
+        for _, image, caption in by_query[q][:per_query]:
             im = Image.open(io.BytesIO(image)).convert("RGB")
             im.thumbnail((128, 128))
             buf = io.BytesIO()

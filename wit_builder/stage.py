@@ -22,10 +22,10 @@ recipes that have its section, so installing a package of stages changes no othe
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Callable, Iterator
 
 import pyarrow as pa
 

@@ -254,7 +254,7 @@ class LocalS3:
         self.process = None
         self.saved: dict[str, str | None] = {}
 
-    def __enter__(self) -> "LocalS3":
+    def __enter__(self) -> LocalS3:
         import socket
         import subprocess
         import sys
@@ -275,7 +275,7 @@ class LocalS3:
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.__exit__()
-                    raise RuntimeError("the local S3 server did not start (is moto[server] installed?)")
+                    raise RuntimeError("the local S3 server did not start (is moto[server] installed?)") from None
                 time.sleep(0.1)
         env = {"AWS_ACCESS_KEY_ID": "wit-local", "AWS_SECRET_ACCESS_KEY": "wit-local",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}

@@ -6,7 +6,6 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, WORD_COUNTS, needs_wordnet, wit
 from test_matcher import reference_words
 
