@@ -238,6 +238,20 @@ def _interactive(con) -> int:
             buf = ""
 
 
+def command_summary(ep) -> str:
+    """The first line of a command's module docstring, read without importing the module (a
+    trainer's imports take seconds)."""
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(ep.module)
+        doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) if spec and spec.origin else None
+    except (ImportError, OSError, SyntaxError, ValueError):
+        doc = None
+    return (doc or ep.value).strip().splitlines()[0].rstrip(".")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Commands of other packages (`wit train`, `wit eval`) parse their own options; their imports
@@ -283,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_report)
 
     for name, ep in sorted(commands.items()):
-        sub.add_parser(name, help=f"{ep.value} (wit {name} --help)", add_help=False)
+        sub.add_parser(name, help=f"{command_summary(ep)} (wit {name} --help)", add_help=False)
 
     args = parser.parse_args(argv)
     try:
