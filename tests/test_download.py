@@ -1,6 +1,7 @@
 """The download stage end to end: img2dataset over real HTTP through the egress proxy, against the
 miniature web (real captures plus fault routes). Every fault becomes a row with a clear reason."""
 
+import contextlib
 import hashlib
 import io
 import json
@@ -10,13 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import tomli_w
+from conftest import REPO, wit
 from PIL import Image
 
-from conftest import REPO, wit
 from pipelines.download.miniweb import MiniWeb
 
 ARCHIVE = REPO / "data" / "warc" / "aut-example-2008.warc.gz"
@@ -202,3 +204,70 @@ def test_sigkill_mid_download_then_rerun_gives_identical_outputs(tmp_path):
     assert not work.exists()  # the work folder is gone once the partition is complete
     marker = json.loads((killed_dir / "_state/download/killed.csv.json").read_text())
     assert marker["resumed_shards"] == finished_shards  # what was finished was not fetched again
+
+
+def process_table() -> dict[int, tuple[int, int, str, str]]:
+    """Every process now, from /proc: pid -> (parent, nice, start time, state)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), int(fields[16]), fields[19], fields[0])
+    return table
+
+
+def descendants(root: int) -> dict[int, tuple[int, str]]:
+    """The processes below `root`: pid -> (nice, start time), the start time telling a reused pid apart."""
+    table, found, todo = process_table(), {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, nice, start, _) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = (nice, start)
+                todo.append(pid)
+    return found
+
+
+def still_alive(processes: dict[int, tuple[int, str]]) -> list[int]:
+    table = process_table()
+    return [pid for pid, (_, start) in processes.items()
+            if pid in table and table[pid][2] == start and table[pid][3] != "Z"]  # a zombie has ended
+
+
+@pytest.mark.slow
+def test_no_process_of_a_download_outlives_it_when_it_is_killed(tmp_path):
+    """SIGKILL to the process running a download task (here the `wit run` itself, one worker): its
+    pHash processes (the ones at nice 10) and every other process it started end within seconds,
+    rather than wait for ever on pipes that they hold open for one another."""
+    rows = [(f"http://faults.wit.test/slow/{i}.jpg", f"a fox {i}") for i in range(40)]
+    recipe, run_dir = make_run(tmp_path, "orphans", rows, {"replay": [str(ARCHIVE)], "allow_loopback": True,
+                                                           "thread_count": 2, "samples_per_shard": 2,
+                                                           "respect_robots_txt": False})
+    proc = subprocess.Popen([sys.executable, "-m", "wit_builder.cli", "run", str(recipe)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    work = run_dir / "download" / "_work"
+    below: dict[int, tuple[int, str]] = {}
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            below = {**below, **descendants(proc.pid)}
+            # Mid-download: both pHash processes up, img2dataset's worker a shard in.
+            if sum(nice == 10 for nice, _ in below.values()) >= 2 and any(work.rglob("*_stats.json")):
+                break
+            time.sleep(0.1)
+        assert sum(nice == 10 for nice, _ in below.values()) >= 2 and len(below) >= 3, below
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and still_alive(below):
+            time.sleep(0.1)
+        survivors = {pid: below[pid] for pid in still_alive(below)}
+        assert not survivors, f"outlived the killed run (pid: (nice, start)): {survivors}"
+    finally:
+        for pid in still_alive(below):  # what the old code left behind: ours, so ended here
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)

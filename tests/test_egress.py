@@ -1,6 +1,7 @@
 """The egress proxy over real HTTP: the SSRF policy on every hop, deadlines, byte caps, host limits."""
 
 import functools
+import http.client
 import http.server
 import ipaddress
 import socket
@@ -10,10 +11,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import REPO
-from pipelines.download.egress import EgressProxy, Policy, address_problem
-from pipelines.download.miniweb import FAULT_HOST, REDIRECT_FORMS, REDIRECT_TARGETS, MiniWeb
+
+from pipelines.download.egress import EgressProxy, Policy, Refused, address_problem, relayed_location
+from pipelines.download.miniweb import FAULT_HOST, IDN_REDIRECTS, IDN_URL, REDIRECT_FORMS, REDIRECT_TARGETS, MiniWeb
 
 ARCHIVE = REPO / "data" / "warc" / "aut-example-2008.warc.gz"
 
@@ -106,6 +107,42 @@ def test_every_redirect_status_and_location_form_to_a_forbidden_address_is_refus
                 got = fetch(proxy, f"http://{FAULT_HOST}/to/{status}/{form}/{target}.jpg")
                 assert got == f"403 wit-refused {reason}", (status, form, got)
         assert proxy.stats == {reason: 5 * len(REDIRECT_FORMS)}
+
+
+@pytest.mark.parametrize("form", IDN_REDIRECTS)
+def test_a_redirect_to_an_international_host_is_relayed_in_idna_and_followed(web, form):
+    """A Location with its host in UTF-8 or percent-encoded UTF-8 (or its path in UTF-8) is relayed as
+    normalise_url writes the URL, so the client asks for the real host, through the proxy."""
+    with EgressProxy(Policy(allow_loopback=True, route=web.address)) as proxy:
+        conn = http.client.HTTPConnection(*proxy.server.server_address, timeout=10)
+        conn.request("GET", f"http://{FAULT_HOST}/to-idn/{form}.jpg")
+        answer = conn.getresponse()
+        assert (answer.status, answer.getheader("Location")) == (302, IDN_URL)
+        conn.close()
+        assert fetch(proxy, f"http://{FAULT_HOST}/to-idn/{form}.jpg") == (200, web.sample_image)
+        assert proxy.answers == {"ok": 1} and proxy.stats == {}
+
+
+@pytest.mark.parametrize("location, relayed", [
+    ("http://b%C3%BCcher.example/a b", "http://xn--bcher-kva.example/a%20b"),
+    ("http://B%C3%9CCHER.example:8080/x.jpg?q=1#top", "http://xn--bcher-kva.example:8080/x.jpg?q=1"),
+    ("/b\xc3\xbccher/\xc3\xa4.jpg", "http://faults.wit.test/b%C3%BCcher/%C3%A4.jpg"),  # UTF-8 path, relative
+    ("http://%31%30.0.0.1/x.jpg", "http://10.0.0.1/x.jpg"),  # then refused for where it goes, on the next hop
+    ("http://example.com/x.jpg", "http://example.com/x.jpg"),  # ASCII: as it came
+    (" http://10.0.0.1/x.jpg", " http://10.0.0.1/x.jpg"),
+    ("/caf\xe9.jpg", "/caf\xe9.jpg"),  # not UTF-8 (latin-1): left for urllib, which sends its bytes
+    ("http://[fe80::1%25eth0]/x.jpg", "http://[fe80::1%25eth0]/x.jpg"),  # an IPv6 zone is not a name
+])
+def test_relayed_location(location, relayed):
+    assert relayed_location(location, f"http://{FAULT_HOST}/r.jpg") == relayed
+
+
+@pytest.mark.parametrize("location", ["http://b%FCcher.example/x.jpg", "http://a%2Fb.example/x.jpg",
+                                      "http://a%00b.example/", "http://" + "\xc3\xbc" * 70 + ".de/x.jpg"])
+def test_a_location_host_with_no_idna_form_is_refused(location):
+    with pytest.raises(Refused) as e:
+        relayed_location(location, f"http://{FAULT_HOST}/r.jpg")
+    assert e.value.reason == "bad_host"
 
 
 def test_loopback_is_refused_unless_the_recipe_allows_it(web):

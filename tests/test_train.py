@@ -12,9 +12,9 @@ import os
 import random
 import re
 import signal
-import tarfile
 import subprocess
 import sys
+import tarfile
 import time
 import zlib
 from pathlib import Path
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, needs_fashion, wit
 from PIL import Image
 
-from conftest import REPO, needs_fashion, wit
-from wit_builder.tar import write_shard
 from trainer import data, fashion, models, train, zeroshot
 from wit_builder.errors import WitError
+from wit_builder.tar import write_shard
 
 pytestmark = needs_fashion
 
@@ -295,6 +295,27 @@ def test_killed_run_resumes_mid_stream_and_the_curve_carries_on(small_shards, tm
     assert again.returncode == 0 and "already trained to step 40" in again.stderr
 
 
+def test_progress_into_a_file_is_plain_lines(small_shards, tmp_path):
+    """With stderr in a log file, wit train and wit eval write a line every WIT_PROGRESS_SECONDS
+    instead of tqdm's carriage-return updates."""
+    env = {**os.environ, "WIT_PROGRESS_SECONDS": "0"}
+    out = tmp_path / "run"
+    commands = {"train": train_cmd(small_shards, out, "--steps", "3"),
+                "eval": [sys.executable, "-m", "wit_builder.cli", "eval", "--data",
+                         str(small_shards / "test-000000.tar"), "--checkpoint", str(out), "--workers", "0"]}
+    logged = {}
+    for name, cmd in commands.items():
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, timeout=300)
+        logged[name] = (tmp_path / f"{name}.log").read_bytes().decode()  # bytes: read_text turns \r into \n
+        assert proc.returncode == 0, logged[name][-3000:]
+        assert "\r" not in logged[name], logged[name][-3000:]
+    steps = re.findall(r"train: step (\d) of 3 \(\d+%\), [\d.]+ steps/s, ETA \S+; loss [\d.]+", logged["train"])
+    assert steps == ["1", "2", "3"], logged["train"]
+    batches = re.findall(r"zero-shot: batch (\d), [\d.]+ batches/s", logged["eval"])
+    assert batches == ["1", "2"], logged["eval"]  # 500 images, 256 to a batch
+
+
 @pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one(small_shards, tmp_path):
     """--compile (torch.compile, inductor on the CPU) gives the eager run's losses on the same seed
@@ -418,7 +439,7 @@ def test_classnames_for_an_image_folder_are_matched_to_folders_by_name(tmp_path,
     # During training (--eval-classnames) and in wit eval (--classnames).
     args = train.parser().parse_args(["--data", "x", "--steps", "1", "--output", str(tmp_path / "o"),
                                       "--eval-data", str(root), "--eval-classnames", str(names)])
-    during = train.EvalSet(args, 32)
+    during = train.ZeroShotProbe(args, 32)
     labels_match(during.dataset, during.classnames)
     dataset, classnames = zeroshot.labelled_set(str(root), 32, 4, classnames=names)
     assert classnames == ["Mid Point", "zebra", "apple"]

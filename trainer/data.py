@@ -287,7 +287,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 self.skip(where, e)
                 broken += 1
                 if broken >= MAX_BROKEN_IN_A_ROW:
-                    raise WitError(f"{broken} samples in a row were broken; the last: {e}", where=where)
+                    raise WitError(f"{broken} samples in a row were broken; the last: {e}", where=where) from e
                 continue
             broken = 0
             yield image, target

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wit_builder.tar import write_shard
 from wit_builder.errors import WitError
+from wit_builder.tar import write_shard
 from wit_builder.workspace import atomic_write_bytes
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import io
 import json
 import logging
 import math
@@ -40,6 +39,8 @@ from wit_builder.errors import WitError
 from wit_builder.workspace import atomic_path, atomic_write_bytes
 
 from . import data, models, zeroshot
+from .checkpoints import Checkpoints, check_batch_size, load_checkpoint
+from .progress import Progress
 
 log = logging.getLogger("wit.train")
 
@@ -160,50 +161,6 @@ class Distributed:
             dist.barrier()
 
 
-class Checkpoints:
-    """checkpoints/step_NNNNNNNN.pt, written atomically by rank 0; the newest few are kept."""
-
-    def __init__(self, folder: Path, keep: int):
-        self.folder, self.keep = folder / "checkpoints", keep
-
-    def all(self) -> list[Path]:
-        return sorted(self.folder.glob("step_*.pt"))
-
-    def latest(self) -> Path | None:
-        found = self.all()
-        return found[-1] if found else None
-
-    def save(self, state: dict, step: int) -> Path:
-        path = self.folder / f"step_{step:08d}.pt"
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(path, buf.getvalue())
-        for old in self.all()[:-self.keep]:
-            old.unlink(missing_ok=True)
-        return path
-
-
-def load_checkpoint(path: Path) -> dict:
-    state = models.read_checkpoint(path)
-    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
-        raise WitError("not a wit train checkpoint (no step or optimizer state); pass it as --init "
-                       "to start from its weights", where=str(path))
-    return state
-
-
-def check_batch_size(state: dict, batch_size: int, where: Path) -> None:
-    """A run resumes only at the batch size it was trained with (the schedule, the sample count and
-    the loss's scale all assume it). Older checkpoints have it only among their saved arguments;
-    one that has it nowhere passes."""
-    saved = state.get("batch_size")
-    if saved is None and isinstance(state.get("args"), dict):
-        saved = state["args"].get("batch_size")
-    if saved is not None and int(saved) != batch_size:
-        raise WitError(f"checkpoint was trained with --batch-size {saved}, and this run asks for "
-                       f"--batch-size {batch_size}; resume with --batch-size {saved}, or start afresh "
-                       f"in another --output (or with --resume none)", where=str(where))
-
-
 class CsvLog:
     """An append-only CSV that a resumed run first cuts back to the checkpoint's step."""
 
@@ -320,9 +277,8 @@ def train(args) -> dict:
                               shuffle_buffer=args.shuffle_buffer, scale=tuple(args.crop_scale))
     batches = iter(data.loader(stream, args.workers, pin_memory=env.device.type == "cuda"))
 
-    evaluation = EvalSet(args, image_size) if args.eval_data and env.main else None
-    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", disable=not env.main,
-               dynamic_ncols=True)
+    evaluation = ZeroShotProbe(args, image_size) if args.eval_data and env.main else None
+    bar = Progress(args.steps, "train", "step", initial=step, disable=not env.main, emit=log.info)
     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
     row = {}
     model.train()
@@ -386,8 +342,9 @@ def train(args) -> dict:
     return row
 
 
-class EvalSet:
-    """The --eval-data set with its class names and templates, read once."""
+class ZeroShotProbe:
+    """The zero-shot evaluation during training: the --eval-data set with its class names and
+    templates, read once."""
 
     def __init__(self, args, image_size: int):
         self.dataset, self.classnames = zeroshot.labelled_set(

@@ -17,13 +17,14 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-from tqdm import tqdm
 
 from wit_builder import storage
 from wit_builder.errors import WitError
 
 from . import data
+from .checkpoints import Checkpoints
 from .models import Normalise
+from .progress import Progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
@@ -168,17 +169,19 @@ def evaluate(model, tokenizer, dataset, classnames: list[str], templates: list, 
     k = min(5, len(classnames))
     correct1 = correctk = seen = 0
     batches = data.loader(dataset, workers)
-    for batch in tqdm(batches, desc="zero-shot", unit="batch", disable=not progress):
-        labels = batch["labels"].to(device)
-        if int(labels.max()) >= len(classnames) or int(labels.min()) < 0:
-            raise WitError(f"class index {int(labels.max())} but only {len(classnames)} class names")
-        with autocast or torch.autocast(device.type, enabled=False):
-            features = model.encode_image(normalise(batch["images"].to(device)), normalize=True)
-        top = (features.float() @ classifier.float()).topk(k, dim=1).indices
-        hits = top == labels[:, None]
-        correct1 += int(hits[:, 0].sum())
-        correctk += int(hits.any(dim=1).sum())
-        seen += len(labels)
+    with Progress(None, "zero-shot", "batch", "batches", disable=not progress) as bar:
+        for batch in batches:
+            labels = batch["labels"].to(device)
+            if int(labels.max()) >= len(classnames) or int(labels.min()) < 0:
+                raise WitError(f"class index {int(labels.max())} but only {len(classnames)} class names")
+            with autocast or torch.autocast(device.type, enabled=False):
+                features = model.encode_image(normalise(batch["images"].to(device)), normalize=True)
+            top = (features.float() @ classifier.float()).topk(k, dim=1).indices
+            hits = top == labels[:, None]
+            correct1 += int(hits[:, 0].sum())
+            correctk += int(hits.any(dim=1).sum())
+            seen += len(labels)
+            bar.update()
     model.train(was_training)
     if not seen:
         raise WitError("the evaluation set yielded no images")
@@ -218,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoint = args.checkpoint
         if checkpoint and Path(checkpoint).is_dir():
-            from .train import Checkpoints
             checkpoint = Checkpoints(Path(checkpoint), keep=0).latest()
             if checkpoint is None:
                 raise WitError("no checkpoints/step_*.pt in this run folder", where=args.checkpoint)

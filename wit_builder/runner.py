@@ -225,22 +225,28 @@ def combined_fingerprint(tasks: list[Task]) -> str:
 # Executors
 
 
-def start_worker(driver: int, stores: dict[str, str]) -> None:
-    """A pool worker's first acts: learn where the run's store is (see workspace), and ask the
-    kernel for SIGKILL when the driver dies (kill -9 included), so that no orphan finishes a task
-    into a run folder a rerun now owns, or idles on for ever. Linux only (prctl PR_SET_PDEATHSIG);
-    elsewhere workers outlive a killed driver."""
+def die_with_parent(parent: int) -> None:
+    """A child process's first act: ask the kernel for SIGKILL when `parent` dies (kill -9 included),
+    and exit at once if it is already gone, so that no child of a killed process lives on. Strictly,
+    the signal comes when the parent's thread that started the child ends: start children from a
+    thread that lasts. Linux only (prctl PR_SET_PDEATHSIG); elsewhere children outlive a killed parent."""
     import ctypes
     import signal
 
-    for staging, url in stores.items():
-        workspace.use_store(staging, url)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):
         return
-    if os.getppid() != driver:  # it died before the request took effect
+    if os.getppid() != parent:  # it died before the request took effect
         os._exit(1)
+
+
+def start_worker(driver: int, stores: dict[str, str]) -> None:
+    """A pool worker's first acts: learn where the run's store is (see workspace), and die with the
+    driver, so that no orphan finishes a task into a run folder a rerun now owns, or idles on for ever."""
+    for staging, url in stores.items():
+        workspace.use_store(staging, url)
+    die_with_parent(driver)
 
 
 class LocalExecutor:

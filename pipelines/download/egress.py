@@ -19,6 +19,9 @@ redirects itself, so each hop is a new request through here. For each request th
 - refuses a redirect to any scheme but http(s) (`file:`, `gopher:`, `data:`, `ftp:`) as `bad_scheme`.
   urllib refuses most of those itself, and the download stage records its refusal the same way (that
   is what holds behind an https tunnel, where the proxy cannot read the Location).
+- rewrites a redirect's Location whose host is in Unicode or in percent-encoded UTF-8 to the URL as
+  `normalise_url` writes it (the host in IDNA, the path percent-encoded): urllib would send the host's
+  bytes percent-encoded, a name no resolver knows. The next hop then comes through here like any other.
 
 A refusal is an HTTP 403 whose reason phrase says why (`wit-refused private_address`), which
 img2dataset records as the sample's error. A `route` sends every host name to one address instead of
@@ -35,17 +38,22 @@ import ipaddress
 import select
 import socket
 import socketserver
+import string
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httptools
+
+from ..urls import normalise_url
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
               "te", "trailer", "transfer-encoding", "upgrade"}
 # A relayed body keeps its framing, so its Transfer-Encoding goes with it.
 RESPONSE_HOP_BY_HOP = HOP_BY_HOP - {"transfer-encoding"}
+# What a host may not contain once its percent-escapes are decoded (WHATWG's forbidden host code points).
+FORBIDDEN_HOST = frozenset(" #%/:<>?@[\\]^|")
 
 
 METADATA_ADDRESSES = frozenset(map(ipaddress.ip_address, ("169.254.169.254", "fd00:ec2::254")))
@@ -147,6 +155,38 @@ def _bad_redirect(location: str | None) -> bool:
     except ValueError:
         return False  # malformed: the client fails it on its own
     return scheme not in ("", "http", "https")
+
+
+def relayed_location(location: str, base: str) -> str:
+    """The Location to relay for a redirect from `base`: as it came, unless its host is in Unicode or
+    percent-encoded UTF-8, then normalised (`http://b%C3%BCcher.example/a b` ->
+    `http://xn--bcher-kva.example/a%20b`), so that the client asks for a host that resolves, and the
+    next hop is checked for where it really goes. Refused if it has no such form."""
+    try:  # header values arrive as latin-1 characters: these are its bytes, as UTF-8 if they are
+        text = location.encode("latin-1").decode("utf-8").strip()
+    except UnicodeDecodeError:  # other bytes: percent-encoded as they are, as urllib does
+        text = quote(location.strip(), safe=string.punctuation, encoding="latin-1")
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return location  # malformed: the client fails it on its own
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    escaped = "%" in hostport and not hostport.startswith("[")  # an IPv6 zone is %25-escaped
+    if text.isascii() and not escaped:
+        return location
+    if escaped:
+        host, colon, port = hostport.partition(":")
+        try:
+            host = unquote(host, errors="strict")
+        except UnicodeDecodeError:
+            raise Refused("bad_host") from None
+        if not host or not host.isprintable() or FORBIDDEN_HOST.intersection(host):
+            raise Refused("bad_host")
+        text = urlunsplit(parts._replace(netloc=userinfo + at + host + colon + port))
+    url, reason = normalise_url(text, base)
+    if url is None:
+        raise Refused(reason)
+    return url
 
 
 class HostGate:
@@ -295,8 +335,15 @@ class _Connection(socketserver.BaseRequestHandler):
             except (OSError, httptools.HttpParserError):
                 return self._refuse("upstream_error" if time.monotonic() < deadline else "deadline")
             status = response.status
-            if 300 <= status < 400 and _bad_redirect(response.get("location")):
-                return self._refuse("bad_scheme")
+            kept = [(k, v) for k, v in response.headers if k.lower() not in RESPONSE_HOP_BY_HOP]
+            if 300 <= status < 400:
+                if _bad_redirect(response.get("location")):
+                    return self._refuse("bad_scheme")
+                try:
+                    base = request.target.decode("latin-1")
+                    kept = [(k, relayed_location(v, base) if k.lower() == "location" else v) for k, v in kept]
+                except Refused as e:
+                    return self._refuse(e.reason)
             if status in (429, 503):
                 self.server.gate.back_off(host, response.get("retry-after"))
             length = response.get("content-length")
@@ -304,7 +351,6 @@ class _Connection(socketserver.BaseRequestHandler):
                 return self._refuse("too_large")
             if not 300 <= status < 400:  # a redirect is not an answer yet: the next hop is
                 self.server.answered("ok" if status < 300 else f"http_{status}")
-            kept = [(k, v) for k, v in response.headers if k.lower() not in RESPONSE_HOP_BY_HOP]
             first = f"HTTP/{response.version} {status} {response.reason.decode('latin-1')}"
             with contextlib.suppress(OSError):
                 self._relay_body(upstream, head_bytes(first, kept), body, deadline, policy.max_bytes)
@@ -449,7 +495,7 @@ class EgressProxy:
     def stats(self) -> dict:
         return dict(self.server.stats)
 
-    def __enter__(self) -> "EgressProxy":
+    def __enter__(self) -> EgressProxy:
         self.server.start()
         return self
 

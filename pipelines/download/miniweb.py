@@ -4,7 +4,8 @@ routes that misbehave the ways the open web does. Tests and `make demo` download
 Requests arrive as the egress proxy forwards them (origin-form path, original Host header), so each
 capture is served under its original URL; an international host name is served under its IDNA form
 (`bücher.example` as `xn--bcher-kva.example`), whichever form the capture recorded. The fault routes
-live on the host `faults.wit.test` (the `.test` domain is reserved and never resolves on the real web).
+live on the host `faults.wit.test` (the `.test` domain is reserved and never resolves on the real web);
+the international host `bücher.wit.test` is where some of them redirect.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ import zlib
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from ..urls import idna_host
+from ..urls import idna_host, normalise_url
 
 FAULT_HOST = "faults.wit.test"
 ROBOTS_DOWN_HOST = "robots-down.wit.test"  # a site whose robots.txt answers 503
+# An international host with one image, served only under the URL a client sends for it: the host in
+# IDNA, the path percent-encoded as UTF-8 (`http://xn--bcher-kva.wit.test/umschl%C3%A4ge/titel.jpg`).
+IDN_HOST, IDN_PATH = "bücher.wit.test", "/umschläge/titel.jpg"
+IDN_URL = normalise_url(f"http://{IDN_HOST}{IDN_PATH}")[0]
 # Each fault route and what a downloader must make of it.
 FAULT_ROUTES = {
     "/404.jpg": "HTTP 404",
@@ -42,6 +47,8 @@ FAULT_ROUTES = {
     "/redirect-data.jpg": "a redirect to a data: URI (a real GIF)",
     "/to/<status>/<form>/<target>.jpg": "a redirect (301, 302, 303, 307 or 308) to a forbidden address,"
                                         " its Location absolute, scheme-relative or with a leading space",
+    "/to-idn/<form>.jpg": f"a redirect to the image on {IDN_HOST}, its Location's host in UTF-8 or"
+                          " percent-encoded UTF-8, or its path in UTF-8",
     "/robots.txt": "disallows /robots-disallowed/ for every user agent",
     "/robots-disallowed/<name>.jpg": "a real image that robots.txt disallows",
     "/slow.jpg": "a real image after a one-second delay",
@@ -63,6 +70,10 @@ REDIRECT_TARGETS = {"private": "10.0.0.1", "private-192": "192.168.0.1", "shared
                     "metadata": "169.254.169.254", "ula": "[fd00::1]", "multicast": "224.0.0.1",
                     "unspecified": "0", "ipv4-compatible": "[::127.0.0.1]"}
 REDIRECT_FORMS = {"absolute": "http://{}/x.jpg", "scheme-relative": "//{}/x.jpg", "leading-space": " http://{}/x.jpg"}
+# The Locations of a redirect to the international host's image, sent as UTF-8 bytes, as servers do.
+IDN_REDIRECTS = {"utf-8": f"http://{IDN_HOST}{IDN_PATH}", "scheme-relative": f"//{IDN_HOST}{IDN_PATH}",
+                 "percent-encoded": f"http://{quote(IDN_HOST)}{quote(IDN_PATH)}",
+                 "unicode-path": f"http://{idna_host(IDN_HOST)}{IDN_PATH}"}
 
 
 def _strip(headers) -> list[tuple[str, str]]:
@@ -169,6 +180,10 @@ class _Handler(BaseHTTPRequestHandler):
                     # a client's timeout when a test asks again.
                     return self._send(503, [("Content-Type", "text/plain"), ("Retry-After", "1")], b"try later\n")
                 return self._send(200, [("Content-Type", "image/jpeg")], web.sample_image)
+            if host == urlsplit(IDN_URL).hostname:
+                if path == urlsplit(IDN_URL).path:
+                    return self._send(200, [("Content-Type", "image/jpeg")], web.sample_image)
+                return self._send(404, [("Content-Type", "text/plain")], b"not the URL a client sends\n")
             capture = web.captures.get((host, path))
             if capture is None:
                 return self._send(404, [("Content-Type", "text/plain")], b"not in the capture\n")
@@ -176,7 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _fault(self, path: str, web: "MiniWeb") -> None:
+    def _fault(self, path: str, web: MiniWeb) -> None:
         jpeg = web.sample_image
         image = [("Content-Type", "image/jpeg")]
         if path == "/404.jpg":
@@ -229,6 +244,10 @@ class _Handler(BaseHTTPRequestHandler):
             if status in ("301", "302", "303", "307", "308") and form in REDIRECT_FORMS and target in REDIRECT_TARGETS:
                 location = REDIRECT_FORMS[form].format(REDIRECT_TARGETS[target])
                 return self._send(int(status), [("Location", location)], b"")
+        if path.startswith("/to-idn/") and (form := path[len("/to-idn/"):].removesuffix(".jpg")) in IDN_REDIRECTS:
+            # Header values go out as latin-1: these are the Location's UTF-8 bytes.
+            location = IDN_REDIRECTS[form].encode("utf-8").decode("latin-1")
+            return self._send(302, [("Location", location)], b"")
         if path in BAD_SCHEME_REDIRECTS:
             return self._send(302, [("Location", BAD_SCHEME_REDIRECTS[path])], b"")
         if path == "/slow.jpg" or path.startswith("/slow/"):
@@ -271,7 +290,7 @@ class MiniWeb:
     def address(self) -> tuple[str, int]:
         return self.server.server_address[:2]
 
-    def __enter__(self) -> "MiniWeb":
+    def __enter__(self) -> MiniWeb:
         self.thread.start()
         return self
 

@@ -20,13 +20,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import itertools
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -37,7 +40,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from wit_builder.recipe import Section, input_path
-from wit_builder.runner import Manifest, step_info
+from wit_builder.runner import Manifest, die_with_parent, step_info
 from wit_builder.stage import Plot, Stage, View
 from wit_builder.workspace import Run, atomic_write_bytes, file_identity, parquet_writer, read_table, write_parquet
 
@@ -173,6 +176,8 @@ def run_img2dataset(rows: pa.Table, folder: Path, s: DownloadSettings, on_shard)
     work on one shard overlaps the download of the next."""
     import img2dataset
 
+    from .children import mortal
+
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / "input.parquet"
     if not source.exists():
@@ -194,7 +199,8 @@ def run_img2dataset(rows: pa.Table, folder: Path, s: DownloadSettings, on_shard)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        with output_to(folder / "img2dataset.log"):  # it prints; the outcomes are in its parquet
+        # It prints; the outcomes are in its parquet.
+        with output_to(folder / "img2dataset.log"), mortal():
             img2dataset.download(
                 url_list=str(source), input_format="parquet", url_col="url", caption_col="caption",
                 save_additional_columns=["uid"], output_format="parquet", output_folder=str(out),
@@ -226,11 +232,76 @@ def shard_hashes(path: str, column: str, start: int, stop: int) -> tuple[np.ndar
                         zip(t.column("status").to_pylist(), t.column(column).to_pylist())])
 
 
-def start_hashing_process() -> None:
-    """A hashing process runs at a lower priority: the download is the bottleneck, so the hashes take
-    the CPU its processes leave idle and catch up at the end of a partition, rather than slowing it."""
+def hashing_process(parent: int, requests, answers) -> None:
+    """A pHash process: hashes the slices of shards it is sent until its parent closes its end of
+    `requests` or dies (then the kernel kills it, or the pipe ends). It runs at a lower priority: the
+    download is the bottleneck, so the hashes take the CPU its processes leave idle and catch up at
+    the end of a partition, rather than slowing it."""
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle; this ends with it
     os.nice(10)
     phash_bytes([b""])  # its lazy imports, before the first shard
+    while True:
+        try:
+            token, args = requests.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            answer = (token, shard_hashes(*args), None)
+        except Exception:
+            answer = (token, None, traceback.format_exc())
+        try:
+            answers.send(answer)
+        except OSError:
+            return
+
+
+class HashingProcess:
+    """One pHash process and its two pipes, whose far ends it alone holds (a spawned process inherits
+    only what it is given): each side sees the other's death as the end of a pipe, and none waits for
+    ever on a pipe that another process holds open."""
+
+    tokens = itertools.count()
+
+    def __init__(self, context):
+        requests, self.requests = context.Pipe(duplex=False)
+        self.answers, answers = context.Pipe(duplex=False)
+        self.process = context.Process(target=hashing_process, args=(os.getpid(), requests, answers),
+                                       name="phash", daemon=True)
+        self.process.start()
+        requests.close()
+        answers.close()
+        self.done: dict[int, tuple] = {}  # answers read while waiting for another
+        self.lock = threading.Lock()
+
+    def submit(self, *args) -> int:
+        from concurrent.futures.process import BrokenProcessPool
+
+        token = next(self.tokens)
+        try:
+            self.requests.send((token, args))
+        except OSError:
+            raise BrokenProcessPool(f"pHash process {self.process.pid} has ended") from None
+        return token
+
+    def result(self, token: int):
+        from concurrent.futures.process import BrokenProcessPool
+
+        with self.lock:
+            while token not in self.done:
+                try:
+                    got, value, error = self.answers.recv()
+                except (EOFError, OSError):
+                    raise BrokenProcessPool(f"pHash process {self.process.pid} has ended") from None
+                self.done[got] = (value, error)
+            value, error = self.done.pop(token)
+        if error:
+            raise RuntimeError(f"pHash process {self.process.pid} failed:\n{error}")
+        return value
+
+    def stop(self) -> None:
+        """Close its pipe: it ends once it has answered what it was sent."""
+        self.requests.close()
 
 
 class ShardHashing:
@@ -239,41 +310,52 @@ class ShardHashing:
     partition's last shard, which nothing overlaps, is split across all the processes."""
 
     processes = 2
-    _pool = None  # kept for the life of this process: starting one costs about a second
+    _pool: list[HashingProcess] | None = None  # kept for the life of this process: starting one costs about a second
+    _finalizer = None
 
     def __init__(self, encode_format: str):
         self.column = encode_format
         self.pending: dict[Path, list] = {}
+        self.workers = self.pool()  # started here, in the task's thread, not img2dataset's shard watcher
 
     @classmethod
-    def pool(cls):
-        import multiprocessing
+    def pool(cls) -> list[HashingProcess]:
+        """The processes, started from the calling thread if they are not running: the kernel's
+        parent-death signal comes when the thread that started a process ends, so it must be one that
+        lasts (the task's)."""
         import multiprocessing.util
-        from concurrent.futures import ProcessPoolExecutor
 
-        if cls._pool is None:
-            cls._pool = ProcessPoolExecutor(cls.processes, multiprocessing.get_context("spawn"),
-                                            initializer=start_hashing_process)
-            # A runner's worker process waits for its children as it exits, before the exit handler
-            # that would stop these: stop them first (and before the finalizers, at priority 10, that
-            # close the pool's own queues), or the worker never ends.
-            multiprocessing.util.Finalize(None, cls._pool.shutdown, exitpriority=100)
+        if cls._pool is None or not all(w.process.is_alive() for w in cls._pool):
+            cls.discard()
+            context = multiprocessing.get_context("spawn")
+            cls._pool = [HashingProcess(context) for _ in range(cls.processes)]
+            if cls._finalizer is None:
+                # A runner's worker process waits for its children as it exits: let these end first
+                # (they are daemons too, terminated before that wait if still busy).
+                cls._finalizer = multiprocessing.util.Finalize(None, cls.discard, exitpriority=100)
         return cls._pool
+
+    @classmethod
+    def discard(cls) -> None:
+        for worker in cls._pool or ():
+            worker.stop()
+        cls._pool = None
 
     def submit(self, shard: Path) -> None:
         import pyarrow.parquet as pq
 
         cuts = np.linspace(0, pq.read_metadata(shard).num_rows, self.processes + 1).astype(int)
-        self.pending[shard] = [self.pool().submit(shard_hashes, str(shard), self.column, a, b)
-                               for a, b in zip(cuts[:-1], cuts[1:])]
+        self.pending[shard] = [w.submit(str(shard), self.column, a, b)
+                               for w, a, b in zip(self.workers, cuts[:-1], cuts[1:])]
 
     def result(self, shard: Path) -> tuple[np.ndarray, np.ndarray]:
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            parts = [f.result() for f in self.pending.pop(shard)]
-        except BrokenProcessPool:  # a process died (killed, out of memory): a new pool next time
-            type(self)._pool = None
+            parts = [w.result(token) for w, token in zip(self.workers, self.pending.pop(shard))]
+        except BrokenProcessPool:  # a process died (killed, out of memory): new ones next time
+            if type(self)._pool is self.workers:
+                type(self).discard()
             raise
         return np.concatenate([h for h, _ in parts]), np.concatenate([ok for _, ok in parts])
 
@@ -384,7 +466,7 @@ def download_part(matched: str, settings: DownloadSettings, work: str, outputs: 
     return {"samples": len(status_rows), "resumed_shards": resumed, **by_status}
 
 
-def download_pass(rows: pa.Table, folder: Path, s: DownloadSettings, attempt: int, hashing: "ShardHashing",
+def download_pass(rows: pa.Table, folder: Path, s: DownloadSettings, attempt: int, hashing: ShardHashing,
                   position: dict, records: dict, images) -> None:
     """One img2dataset pass over `rows`. Each shard is finished (its hashes collected, its outcomes
     recorded, its images written) by one thread while img2dataset downloads the next, in img2dataset's
@@ -395,7 +477,7 @@ def download_pass(rows: pa.Table, folder: Path, s: DownloadSettings, attempt: in
         shard = read_table(path).append_column("phash", pa.array(hashes)).append_column("decodes", pa.array(ok))
         # img2dataset writes a shard's rows in the order its threads finish: put them in input order.
         order = np.argsort([position[u] for u in shard.column("uid").to_pylist()], kind="stable")
-        keep_image(shard.take(pa.array(order)), attempt, s.encode_format, records, images)
+        record_shard(shard.take(pa.array(order)), attempt, s.encode_format, records, images)
 
     with ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher:
         finishing = []
@@ -409,7 +491,7 @@ def download_pass(rows: pa.Table, folder: Path, s: DownloadSettings, attempt: in
             f.result()
 
 
-def keep_image(shard: pa.Table, attempt: int, encode_format: str, records: dict, images) -> None:
+def record_shard(shard: pa.Table, attempt: int, encode_format: str, records: dict, images) -> None:
     """Record the outcome of every sample of one img2dataset shard, with its pHash, and write its good
     images to the images file (a successful image is one that decodes)."""
     kept = []
@@ -503,7 +585,7 @@ class DownloadSettings(Section):
         return values
 
     @model_validator(mode="after")
-    def _replay_needs_loopback(self) -> "DownloadSettings":
+    def _replay_needs_loopback(self) -> DownloadSettings:
         if self.replay and not self.allow_loopback:
             raise ValueError("download.replay serves on 127.0.0.1: set download.allow_loopback = true")
         return self

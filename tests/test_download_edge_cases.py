@@ -1,6 +1,7 @@
-"""Download fixes, end to end over real HTTP: transparent images hash like their stored copies (eval
-decontamination), international domain names download, redirects to file:/gopher:/data: are refused
-as bad_scheme, and the failures report groups IPv6 hosts.
+"""The download stage's edge cases, end to end over real HTTP: transparent images hash like their
+stored copies (eval decontamination), international domain names download, as the first URL or as a
+redirect's target, redirects to file:/gopher:/data: are refused as bad_scheme, and the failures report
+groups IPv6 hosts.
 
 One real run (`wit run`) serves a WARC written here, with the archive's own captures, on the miniature
 web through the egress proxy; the tests read its outputs."""
@@ -15,12 +16,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tomli_w
+from conftest import REPO, wit
 from PIL import Image, ImageDraw
 
-from conftest import REPO, wit
-from pipelines.download.stage import classify, opt_out_set, pre_refusal
 from pipelines.download.egress import EgressProxy, Policy
-from pipelines.download.miniweb import FAULT_HOST, MiniWeb
+from pipelines.download.miniweb import FAULT_HOST, IDN_REDIRECTS, MiniWeb
+from pipelines.download.miniweb import IDN_URL as IDN_TARGET
+from pipelines.download.stage import classify, opt_out_set, pre_refusal
 from pipelines.phash import SIDE, hamming, phash_bytes, phash_pixels
 from pipelines.urls import normalise_url
 from wit_builder import stats
@@ -88,7 +90,7 @@ def write_warc(path, responses: list[tuple[str, str, bytes]]) -> None:
             f.write((f"WARC/1.1\r\nWARC-Type: response\r\nWARC-Record-ID: <urn:uuid:{uuid.uuid4()}>\r\n"
                      f"WARC-Date: 2024-05-01T00:00:00Z\r\nWARC-Target-URI: {uri}\r\n"
                      f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(http)}\r\n"
-                     "\r\n").encode("utf-8") + http + b"\r\n\r\n")
+                     "\r\n").encode() + http + b"\r\n\r\n")
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,8 @@ def run(tmp_path_factory):
                  "palette.png": palette_png(capture("www.archive.org", "/images/archive.small.jpg"))}
     cover = capture("www.archive.org", "/images/guitar.jpg")
     warc = tmp / "web.warc"
+    with MiniWeb([ARCHIVE]) as web:
+        redirected = web.sample_image  # what the redirects to an international host lead to
     # The IDN capture is recorded under its Unicode name; the miniature web serves it as IDNA.
     write_warc(warc, [(f"http://transparent.example/{n}", "image/png", b) for n, b in originals.items()]
                + [(IDN_URL, "image/jpeg", cover)])
@@ -110,6 +114,7 @@ def run(tmp_path_factory):
     rows = [(f"http://transparent.example/{n}", f"a picture {i}") for i, n in enumerate(originals)]
     rows += [(IDN_URL, "a book cover")]
     rows += [(f"http://{FAULT_HOST}/{n}", f"a redirect {i}") for i, n in enumerate(BAD_REDIRECTS)]
+    rows += [(f"http://{FAULT_HOST}/to-idn/{f}.jpg", f"a redirected picture {i}") for i, f in enumerate(IDN_REDIRECTS)]
     rows += [(u, f"a picture on ipv6 {i}") for i, u in enumerate(IPV6)]
     listing = tmp / "fixes.csv"
     listing.write_text("url,caption\n" + "".join(f"{u},{c}\n" for u, c in rows), encoding="utf-8")
@@ -121,7 +126,7 @@ def run(tmp_path_factory):
         "queries": {"unigram_counts": str(words), "wordnet": ""},
         "candidates": {"inputs": [str(listing)]},
         "download": {"thread_count": 8, "timeout": 2, "deadline_s": 3, "retry_passes": 0,
-                     "replay": [str(warc)], "allow_loopback": True},
+                     "replay": [str(ARCHIVE), str(warc)], "allow_loopback": True},
         "dedup": {"radius": RADIUS, "eval_sets": [{"name": "mine", "kind": "folder", "path": str(evals)}]},
     }))
     wit("run", recipe)
@@ -130,7 +135,7 @@ def run(tmp_path_factory):
     images = {r["uid"]: r["image"] for r in pq.read_table(run_dir / "download/images/part-fixes.csv.parquet").to_pylist()}
     dedup = {r["uid"]: r for r in pq.read_table(run_dir / "dedup/part-fixes.csv.parquet").to_pylist()}
     return {"dir": run_dir, "downloads": downloads, "images": images, "dedup": dedup,
-            "originals": originals, "cover": cover}
+            "originals": originals, "cover": cover, "redirected": redirected}
 
 
 # 4. Transparent images: hashed flattened onto white, as img2dataset stores them.
@@ -191,6 +196,17 @@ def test_international_domain_name_downloads_end_to_end(run):
     assert row["sha256"] == hashlib.sha256(run["cover"]).hexdigest()  # the bytes the capture served
     with Image.open(io.BytesIO(run["images"][row["uid"]])) as im:
         assert (im.width, im.height) == (row["width"], row["height"]) == (140, 171)
+
+
+def test_a_redirect_to_an_international_domain_name_downloads(run):
+    """A Location whose host is in UTF-8 or percent-encoded UTF-8 (or whose path is in UTF-8) is
+    followed to the host's IDNA form and the path as normalise_url writes it: all the miniature web
+    serves the image under."""
+    for form in IDN_REDIRECTS:
+        row = run["downloads"][f"http://{FAULT_HOST}/to-idn/{form}.jpg"]
+        assert (row["status"], row["reason"], row["http_status"]) == ("success", None, 200), (form, row)
+        assert row["sha256"] == hashlib.sha256(run["redirected"]).hexdigest()
+    assert IDN_TARGET == "http://xn--bcher-kva.wit.test/umschl%C3%A4ge/titel.jpg"
 
 
 # 15. Redirects to file:, gopher:, data: are refused as bad_scheme.
