@@ -176,8 +176,6 @@ def run_img2dataset(rows: pa.Table, folder: Path, s: DownloadSettings, on_shard)
     work on one shard overlaps the download of the next."""
     import img2dataset
 
-    from .children import mortal
-
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / "input.parquet"
     if not source.exists():
@@ -200,7 +198,7 @@ def run_img2dataset(rows: pa.Table, folder: Path, s: DownloadSettings, on_shard)
     watcher.start()
     try:
         # It prints; the outcomes are in its parquet.
-        with output_to(folder / "img2dataset.log"), mortal():
+        with output_to(folder / "img2dataset.log"):
             img2dataset.download(
                 url_list=str(source), input_format="parquet", url_col="url", caption_col="caption",
                 save_additional_columns=["uid"], output_format="parquet", output_folder=str(out),
