@@ -465,7 +465,7 @@ def test_classnames_for_an_image_folder_are_matched_to_folders_by_name(tmp_path,
 
 def test_open_clips_trainer_finds_sizes_and_the_tiny_model(tmp_path):
     """trainer.fashion writes sizes.json, which open_clip's trainer reads for the sample count; and
-    the README's one line makes wit-tiny an open_clip model in a process that never imported ours."""
+    docs/training.md's one line makes wit-tiny an open_clip model in a process that never imported ours."""
     from open_clip_train.data import get_dataset_size
 
     train_shards, test_shards = fashion.build(tmp_path, per_shard=40, limit=90)
@@ -476,8 +476,8 @@ def test_open_clips_trainer_finds_sizes_and_the_tiny_model(tmp_path):
     assert get_dataset_size(str(tmp_path / "train-{000000..000002}.tar")) == (90, 3)
 
     line = re.search(r"open_clip\.add_model_config\((['\"])([^'\"]+)\1\)",
-                     (REPO / "README.md").read_text())
-    assert line, "the README documents open_clip.add_model_config(...)"
+                     (REPO / "docs" / "training.md").read_text())
+    assert line, "docs/training.md documents open_clip.add_model_config(...)"
     script = ("import sys, open_clip\n"
               "assert 'wit-tiny' not in open_clip.list_models()\n"
               f"{line.group(0)}\n"
