@@ -34,7 +34,7 @@ from wit_builder.runner import Manifest, combined_fingerprint, completed, partit
 from wit_builder.shuffle import bucket_folder, bucket_of, bucket_writer, read_bucket, splitmix64, uid_to_u64
 from wit_builder.stage import Stage, View
 from wit_builder.tar import safe_key, write_shard
-from wit_builder.workspace import Run, atomic_write_bytes, parquet_file, parquet_writer, read_table
+from wit_builder.workspace import Run, atomic_write_bytes, count_requests, parquet_file, parquet_writer, read_table
 
 VERSION = 3  # 3: each sample's json is built by DuckDB (compact separators)
 BUCKET_BYTES = 256 << 20  # a bucket task holds its bucket in memory to order it
@@ -120,6 +120,7 @@ def scatter_part(balanced: str, images: str, queries: str, part: int, seed: int,
         with bucket_writer(shuffle, f"{part:06d}", buckets, compression="lz4") as write:
             if meta.num_rows:
                 file = parquet_file(images)
+                count_requests(1 + file.metadata.num_row_groups)  # the uid column, then each row group's images
                 # Each image row's row in meta (null: not kept), joined once for the whole file.
                 where = pc.index_in(file.read(columns=["uid"]).column("uid"),
                                     value_set=meta.column("uid")).combine_chunks()

@@ -193,8 +193,9 @@ def test_kill_during_the_candidate_duplicate_shuffle_then_rerun_gives_identical_
 # --- dedup, balance, shards on a synthetic corpus -------------------------------------------------
 
 
-def synthetic_run(root: Path, name: str, n: int, partitions: int, workers: int = 1, **settings) -> Path:
-    recipe = {"run": {"name": name, "root": str(root), "workers": workers}, **settings}
+def synthetic_run(root: Path, name: str, n: int, partitions: int, workers: int = 1, run_extra: dict | None = None,
+                  **settings) -> Path:
+    recipe = {"run": {"name": name, "root": str(root), "workers": workers, **(run_extra or {})}, **settings}
     return synthetic.build(root, name, n, partitions, seed=3, recipe=recipe)
 
 
@@ -333,18 +334,47 @@ def test_dedup_decisions_equal_a_brute_force_reference(tmp_path):
     assert reasons == {None, "exact_image", "same_url", "near_duplicate", "eval_overlap"}
 
 
+def worker_tasks(raylet: int) -> set[int]:
+    """The Ray worker processes under `raylet` that are running one of wit's tasks now."""
+    return {c for c in children_of(raylet) if b"execute_in" in Path(f"/proc/{c}/cmdline").read_bytes()}
+
+
 @pytest.mark.slow
-def test_ray_gives_the_same_corpus_as_the_local_pool(tmp_path):
+def test_ray_survives_a_lost_node_and_gives_the_same_corpus_as_the_local_pool(tmp_path):
+    """Two Ray nodes; the worker node is killed (no graceful exit) while one of its tasks runs. The
+    lost task runs again on the node that is left, and the corpus equals the local pool's, byte for
+    byte."""
+    from ray.cluster_utils import Cluster
+
     settings = {"dedup": {"buckets": 2}, "shards": {"buckets": 2, "samples_per_shard": 300}}
+    recipe = synthetic_run(tmp_path, "local", 6000, 6, workers=2, **settings)
+    wit("run", recipe, *CORPUS_STAGES)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        node = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        raylet = node.all_processes["raylet"][0].process.pid
+        run = {"executor": "ray", "ray_address": cluster.address}
+        recipe = synthetic_run(tmp_path, "ray", 6000, 6, workers=2, **settings, run_extra=run)
+        proc = subprocess.Popen([sys.executable, "-m", "wit_builder.cli", "run", str(recipe), *CORPUS_STAGES],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        deadline = time.time() + 120
+        while time.time() < deadline and not worker_tasks(raylet) and proc.poll() is None:
+            time.sleep(0.005)
+        assert worker_tasks(raylet), "no task ever ran on the worker node"
+        cluster.remove_node(node, allow_graceful=False)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "lost with its worker or node" in stderr and "ray executor, 2 workers" in stderr
     outputs = {}
-    for executor in ("local", "ray"):
-        recipe = synthetic_run(tmp_path, executor, 3000, 4, workers=2, **settings)
-        proc = wit("run", recipe, *CORPUS_STAGES, "--executor", executor)
-        assert f"{executor} executor, 2 workers" in proc.stderr
-        outputs[executor] = corpus_outputs(tmp_path / executor)
-        wids = json.loads(outputs[executor].pop("shards/wids.json"))
-        assert wids.pop("name") == executor  # the run's name; the rest must be equal
-        outputs[executor]["wids"] = wids
+    for name in ("local", "ray"):
+        outputs[name] = corpus_outputs(tmp_path / name)
+        wids = json.loads(outputs[name].pop("shards/wids.json"))
+        assert wids.pop("name") == name  # the run's name; the rest must be equal
+        outputs[name]["wids"] = wids
     assert len(outputs["local"]) > 20 and outputs["local"] == outputs["ray"]
 
 

@@ -56,6 +56,9 @@ class RunSettings(Section):
     """Tasks at once; 0 means one per CPU core."""
     ray_address: str = ""
     """Empty: start a local Ray cluster; otherwise e.g. `auto` or `ray://head:10001`."""
+    task_retries: int = Field(default=3, ge=0)
+    """With Ray: how many times a task lost with its worker or node (not one that raised) is run
+    again before the step fails. Tasks are idempotent, so a rerun writes the same bytes."""
 
 
 class Recipe(Section):

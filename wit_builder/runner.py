@@ -13,6 +13,7 @@ stages above it, so the driver holds O(partitions), never samples.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import json
 import logging
@@ -249,6 +250,31 @@ def start_worker(driver: int, stores: dict[str, str]) -> None:
     die_with_parent(driver)
 
 
+class Window:
+    """At most `size` of `tasks` in flight: submits more as each finishes, so a step of 100,000 tasks
+    holds a few handles at a time, not 100,000. `submit(task)` returns a handle; `wait(handles)`
+    returns the finished ones (at least one). `started(task)` is told of each task as it goes out."""
+
+    def __init__(self, tasks: list[Task], size: int, submit, wait, started=None):
+        self.queue = collections.deque(tasks)
+        self.size, self.submit, self.wait, self.started = max(size, 1), submit, wait, started
+        self.running: dict = {}
+
+    def again(self, task: Task) -> None:
+        """Run `task` once more (it was lost, not failed): first in line."""
+        self.queue.appendleft(task)
+
+    def __iter__(self) -> Iterator[tuple[Task, object]]:
+        while self.queue or self.running:
+            while self.queue and len(self.running) < self.size:
+                task = self.queue.popleft()
+                if self.started:
+                    self.started(task)
+                self.running[self.submit(task)] = task
+            for handle in self.wait(list(self.running)):
+                yield self.running.pop(handle), handle
+
+
 class LocalExecutor:
     """A process pool; with one worker, tasks run in this process (easy to debug and profile)."""
 
@@ -256,10 +282,12 @@ class LocalExecutor:
         self.workers = workers
         self._pool = None
 
-    def map(self, tasks: list[Task]) -> Iterator[tuple[Task, dict | BaseException]]:
+    def map(self, tasks: list[Task], started=None) -> Iterator[tuple[Task, dict | BaseException]]:
         # With workers, even a lone task (a reduce) runs in a worker: the driver holds no samples.
         if self.workers <= 1:
             for task in tasks:
+                if started:
+                    started(task)
                 try:
                     yield task, execute(task)
                 except Exception as e:  # reported per partition by run_stage
@@ -269,12 +297,13 @@ class LocalExecutor:
             self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=start_worker,
                                                 initargs=(os.getpid(), workspace.stores()))
-        futures = {self._pool.submit(execute, t): t for t in tasks}
-        for fut in cf.as_completed(futures):
+        window = Window(tasks, 2 * self.workers, lambda t: self._pool.submit(execute, t),
+                        lambda futures: cf.wait(futures, return_when=cf.FIRST_COMPLETED).done, started)
+        for task, future in window:
             try:
-                yield futures[fut], fut.result()
+                yield task, future.result()
             except Exception as e:
-                yield futures[fut], e
+                yield task, e
 
     def close(self) -> None:
         if self._pool is not None:
@@ -291,9 +320,13 @@ def execute_in(stores: dict[str, str], task: Task) -> dict:
 
 class RayExecutor:
     """The same tasks as Ray tasks. The workers see the run folder at the same path (a shared
-    filesystem), or the run is in an object store and no node needs another's disk."""
+    filesystem), or the run is in an object store and no node needs another's disk.
 
-    def __init__(self, workers: int, address: str = ""):
+    A task that raised is a bad partition and is not retried. A task lost with its worker or its
+    node is run again, up to `retries` times: tasks are idempotent (their outputs appear whole, the
+    marker last), so the step still gives the same bytes."""
+
+    def __init__(self, workers: int, address: str = "", retries: int = 3):
         try:
             import ray
         except ImportError:
@@ -301,27 +334,47 @@ class RayExecutor:
                 "executor = 'ray' needs Ray: pip install 'wit-builder[ray]'", where="recipe run.executor"
             ) from None
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        self.ray = ray
+        self.ray, self.workers, self.retries = ray, workers, retries
         if not ray.is_initialized():
             if address:
                 ray.init(address=address, log_to_driver=True)
             else:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True)
-        # A task that raised is a bad partition, not a lost worker: do not retry it.
+        # Retries are ours (see map), so that a raised error is never retried and a lost task is.
         self.remote = ray.remote(num_cpus=1, max_retries=0)(execute_in)
 
-    def map(self, tasks: list[Task]) -> Iterator[tuple[Task, dict | BaseException]]:
+    def in_flight(self) -> int:
+        """Tasks submitted at once: twice the cluster's CPUs, so no CPU waits while the driver
+        hands out the next task, and the driver holds a few thousand handles at most."""
+        cpus = int(self.ray.cluster_resources().get("CPU", 0))
+        return 2 * max(cpus, self.workers, 1)
+
+    def _finished(self, refs: list) -> list:
+        # One blocking wait for the first, then everything else already done, in one call.
+        done, rest = self.ray.wait(refs, num_returns=1)
+        if rest:
+            done += self.ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        return done
+
+    def map(self, tasks: list[Task], started=None) -> Iterator[tuple[Task, dict | BaseException]]:
         ray = self.ray
         stores = workspace.stores()
-        pending = {self.remote.remote(stores, t): t for t in tasks}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            task = pending.pop(ref)
+        lost: collections.Counter = collections.Counter()
+        window = Window(tasks, self.in_flight(), lambda t: self.remote.remote(stores, t), self._finished, started)
+        for task, ref in window:
             try:
                 yield task, ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
+            except ray.exceptions.RayTaskError as e:  # the task itself raised
                 yield task, getattr(e, "cause", None) or e
+            except ray.exceptions.RayError as e:  # its worker process or node died under it
+                lost[task.key] += 1
+                if lost[task.key] > self.retries:
+                    yield task, WitError(f"lost with its worker or node {lost[task.key]} times (run.task_retries "
+                                         f"= {self.retries}): {e}", where=f"task {task.key}")
+                    continue
+                log.warning("%s/%s: lost with its worker or node (%s); running it again (%d of %d)", task.stage,
+                            task.key, type(e).__name__, lost[task.key], self.retries)
+                window.again(task)
             except Exception as e:
                 yield task, e
 
@@ -332,7 +385,7 @@ class RayExecutor:
 def make_executor(run: Run):
     settings = run.recipe.run
     if settings.executor == "ray":
-        return RayExecutor(settings.workers, settings.ray_address)
+        return RayExecutor(settings.workers, settings.ray_address, settings.task_retries)
     return LocalExecutor(settings.workers)
 
 
@@ -350,34 +403,54 @@ def remove_stale_temporaries(tasks: list[Task]) -> int:
     return removed
 
 
+def read_progress(task: Task) -> dict:
+    """What a running task's progress file says now ({} before its first write)."""
+    try:
+        return json.loads(Path(task.progress).read_text()) if task.progress else {}
+    except (OSError, ValueError):
+        return {}
+
+
 class LiveProgress:
     """Moves a step's bar from its running tasks' progress files, once a second; where the bar is off
-    (no terminal), logs a line every WIT_PROGRESS_SECONDS (10): done, rate, share ok, top failures."""
+    (no terminal), logs a line every WIT_PROGRESS_SECONDS (10): done, rate, share ok, top failures.
+    Only running tasks' files are read: a finished task's figures are kept, its file removed."""
 
-    def __init__(self, tasks: list[Task], bar, label: str, unit: str):
-        self.tasks, self.bar, self.label, self.unit = tasks, bar, label, unit
-        self.done: set[str] = set()
+    def __init__(self, bar, label: str, unit: str):
+        self.bar, self.label, self.unit = bar, label, unit
+        self.running: dict[str, Task] = {}
+        self.settled = [0, 0, collections.Counter()]  # done, ok, failures of the finished tasks
+        self.lock = threading.Lock()
         self.every = float(os.environ.get("WIT_PROGRESS_SECONDS", "10"))
         self.start = time.monotonic()
         self.halt = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
+    def started(self, task: Task) -> None:
+        with self.lock:
+            self.running[task.key] = task
+
     def finished(self, task: Task) -> None:
-        self.done.add(task.key)
+        p = read_progress(task)
+        with self.lock:
+            self.running.pop(task.key, None)
+            self.settled[0] += task.weight
+            self.settled[1] += int(p.get("ok", 0))
+            self.settled[2].update({r: int(n) for r, n in p.get("failures", {}).items()})
+        if task.progress:
+            Path(task.progress).unlink(missing_ok=True)
 
     def snapshot(self) -> tuple[int, int, dict]:
-        done, ok, failures = 0, 0, {}
-        for t in self.tasks:
-            try:
-                p = json.loads(Path(t.progress).read_text()) if t.progress else {}
-            except (OSError, ValueError):
-                p = {}
-            done += t.weight if t.key in self.done else min(int(p.get("done", 0)), t.weight)
+        with self.lock:
+            running = list(self.running.values())
+            done, ok, failures = self.settled[0], self.settled[1], collections.Counter(self.settled[2])
+        for t in running:
+            p = read_progress(t)
+            done += min(int(p.get("done", 0)), t.weight)
             ok += int(p.get("ok", 0))
-            for reason, n in p.get("failures", {}).items():
-                failures[reason] = failures.get(reason, 0) + int(n)
-        return done, ok, failures
+            failures.update({r: int(n) for r, n in p.get("failures", {}).items()})
+        return done, ok, dict(failures)
 
     def _watch(self) -> None:
         last_line = time.monotonic()
@@ -400,9 +473,6 @@ class LiveProgress:
     def stop(self) -> None:
         self.halt.set()
         self.thread.join()
-        for t in self.tasks:
-            if t.progress:
-                Path(t.progress).unlink(missing_ok=True)
         self.bar.n = self.bar.total
         self.bar.refresh()
 
@@ -422,8 +492,8 @@ def run_step(stage, step: int, tasks: list[Task], executor, force: bool) -> dict
     if pending:
         bar = tqdm(total=sum(t.weight for t in pending), desc=label, unit=stage.unit, unit_scale=True,
                    disable=None, dynamic_ncols=True, file=CONSOLE)
-        watch = LiveProgress(pending, bar, label, stage.unit) if any(t.progress for t in pending) else None
-        for task, result in executor.map(pending):
+        watch = LiveProgress(bar, label, stage.unit) if any(t.progress for t in pending) else None
+        for task, result in executor.map(pending, started=watch.started if watch else None):
             if watch:
                 watch.finished(task)
             else:
@@ -435,6 +505,7 @@ def run_step(stage, step: int, tasks: list[Task], executor, force: bool) -> dict
         if watch:
             watch.stop()
         bar.close()
+        remove_stale_temporaries(pending)  # those of a task lost with its worker, which ran again
     if failures:
         lines = "\n".join(f"  {t.key}: {failure_text(e)}" for t, e in failures)
         raise WitError(

@@ -104,8 +104,9 @@ def parquet_writer(path: str | os.PathLike, schema: pa.Schema):
 
 def read_ranges(path: str | os.PathLike, spans: list[tuple[int, int]], count: bool = True) -> list[bytes]:
     """The bytes of each (offset, length) span of a run file (ranged GETs, in parallel, in a store);
-    counted like read_table unless told it is the same file again."""
+    counted like read_table unless told it is the same file again, and a read request per span."""
     _opened[0] += count
+    _requests[0] += len(spans)
     if url := in_store(path):
         return storage.read_ranges(url, spans)
     with open(path, "rb") as f:
@@ -118,6 +119,8 @@ def read_ranges(path: str | os.PathLike, spans: list[tuple[int, int]], count: bo
 
 def read_bytes(path: str | os.PathLike) -> bytes:
     """A whole (small) run file: a marker, a manifest, a JSON side file."""
+    _opened[0] += 1
+    _requests[0] += 1
     if url := in_store(path):
         return storage.read_bytes(url)
     return Path(path).read_bytes()
@@ -127,6 +130,7 @@ def read_many(paths: list) -> dict[str, bytes]:
     """The whole (small) run files among `paths` that exist, by path: in a store, fetched together,
     so that checking a stage's markers costs one round of requests, not one request after another."""
     found, urls = {}, {}
+    _requests[0] += len(paths)
     for p in map(str, paths):
         if url := in_store(p):
             urls[url] = p
@@ -140,8 +144,10 @@ def read_many(paths: list) -> dict[str, bytes]:
 
 def read_table(path: str | os.PathLike, **kwargs) -> pa.Table:
     """pyarrow.parquet.read_table, counted: every stage reads its inputs through here, so a task's
-    marker can say how many files it opened (see io_counters)."""
+    marker can say how many files it opened (see io_counters). Two read requests: the footer,
+    then the columns it needs (pyarrow coalesces their ranges)."""
     _opened[0] += 1
+    _requests[0] += 2
     if url := in_store(path):
         fs, key = storage.arrow_filesystem(url)
         return pq.read_table(key, filesystem=fs, **kwargs)
@@ -149,18 +155,24 @@ def read_table(path: str | os.PathLike, **kwargs) -> pa.Table:
 
 
 def parquet_file(path: str | os.PathLike) -> pq.ParquetFile:
-    """pyarrow.parquet.ParquetFile, counted like read_table: for reading a file in row groups."""
+    """pyarrow.parquet.ParquetFile, counted like read_table: for reading a file in row groups (the
+    footer is counted here; each row group read is a request of its own, counted by the caller)."""
     _opened[0] += 1
+    _requests[0] += 1
     if url := in_store(path):
         return pq.ParquetFile(storage.open_input(url))
     return pq.ParquetFile(path)
 
 
 def glob(folder: str | os.PathLike, pattern: str) -> list[Path]:
-    """The run files in `folder` matching `pattern`, sorted, as (staging) paths."""
+    """The run files in `folder` matching `pattern`, sorted, as (staging) paths. A listing: one read
+    request per 1,000 names (a store's page)."""
     if url := in_store(folder):
-        return [Path(folder) / u.rsplit("/", 1)[1] for u in storage.glob(url.rstrip("/") + "/" + pattern)]
-    return sorted(Path(folder).glob(pattern))
+        found = [Path(folder) / u.rsplit("/", 1)[1] for u in storage.glob(url.rstrip("/") + "/" + pattern)]
+    else:
+        found = sorted(Path(folder).glob(pattern))
+    _requests[0] += 1 + len(found) // 1000
+    return found
 
 
 def remove(path: str | os.PathLike) -> None:
@@ -190,7 +202,13 @@ def duckdb_paths(con, paths: list[str]) -> list[str]:
     return urls
 
 
-_opened = [0]
+_opened = [0]  # files opened (ranged reads of one file counted once)
+_requests = [0]  # read requests: whole-file reads, ranged reads, listing pages
+
+
+def count_requests(n: int) -> None:
+    """Count read requests made outside this module's readers (e.g. a parquet file's row groups)."""
+    _requests[0] += n
 
 
 def _proc_io() -> dict[str, int]:
@@ -204,20 +222,21 @@ def _proc_io() -> dict[str, int]:
 @contextlib.contextmanager
 def io_counters():
     """Measure the block: wall and CPU seconds, bytes read and written (/proc/self/io), files opened
-    through read_table, and peak resident memory (VmHWM, reset at the start). Yields a dict filled in
+    and read requests made through this module's readers, and peak resident memory (VmHWM, reset at the start). Yields a dict filled in
     at the end."""
     import resource
 
     cost: dict = {}
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak-RSS watermark
-    before, opened = _proc_io(), _opened[0]
+    before, opened, requests = _proc_io(), _opened[0], _requests[0]
     start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     yield cost
     after, end = _proc_io(), resource.getrusage(resource.RUSAGE_SELF)
     cost["seconds"] = round(time.perf_counter() - start, 4)
     cost["cpu_seconds"] = round(end.ru_utime + end.ru_stime - usage.ru_utime - usage.ru_stime, 4)
     cost["files_read"] = _opened[0] - opened
+    cost["read_requests"] = _requests[0] - requests
     cost["pid"] = os.getpid()
     if before and after:
         cost["bytes_read"] = after["rchar"] - before["rchar"]
