@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.dedup.neardup import band_r, near_duplicate_pairs
 from pipelines.dedup.stage import BAND_SCHEMA, RECORDS_PER_BUCKET, band_records, near_edges
-from wit_builder.shuffle import read_bucket, scatter
+from wit_builder.shuffle import read_bucket, scatter, track_outputs
 
 GOAL = 500_000
 
@@ -59,6 +59,7 @@ def bucketed_search(hashes: np.ndarray, partition: int, radius: int, folder: Pat
         ids = np.arange(lo, lo + len(h), dtype=np.uint64)
         scatter(*band_records(h, np.full(len(h), p, np.int32), ids, ids, radius, r, buckets), folder, f"{p:06d}.near",
                 buckets)
+    track_outputs(str(folder), [("{:06d}.near", -(-n // partition))])
     found = []
     for b in range(buckets):
         edges, _ = near_edges(read_bucket(folder, b, BAND_SCHEMA, ".near"), radius, r)

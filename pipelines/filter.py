@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from pipelines.candidates.duplicates import duplicates_of
 from wit_builder.language import identify
 from wit_builder.recipe import Section
 from wit_builder.runner import Manifest
-from wit_builder.shuffle import read_slice
 from wit_builder.stage import Stage, View
 from wit_builder.workspace import Run, read_table, write_parquet
 
@@ -95,12 +95,10 @@ def judge(text: str, s: FilterSettings, boilerplate: frozenset) -> tuple[str | N
     return None, text
 
 
-def filter_part(candidates: str, duplicates: list[str], part: int, settings: FilterSettings, output: str) -> dict:
+def filter_part(candidates: str, duplicates: str, part: int, settings: FilterSettings, output: str) -> dict:
     table = read_table(candidates, columns=["uid", "text"])
-    dup_reason = {}
-    for path in duplicates:
-        dups = read_slice(path, part, ["row", "reason"]).to_pydict()
-        dup_reason.update(zip(dups["row"], dups["reason"]))
+    dups = duplicates_of(duplicates, part).to_pydict()
+    dup_reason = dict(zip(dups["row"], dups["reason"]))
     boilerplate = frozenset(b.lower().strip(_EDGE_PUNCT) for b in settings.boilerplate)
     reasons, texts = [], []
     for row, text in enumerate(table.column("text").to_pylist()):

@@ -7,6 +7,8 @@ draw is a hash of (uid, query_id, seed), so the selection is the same on any par
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,13 +68,34 @@ def query_counts(query_ids: pa.ChunkedArray | pa.Array) -> pa.Table:
     return pa.table({"query_id": pa.array(nz, pa.int32()), "count": pa.array(counts[nz], pa.int64())})
 
 
-def sum_counts_task(stage, run, tasks: list, output: str):
-    """The reduce that sums the per-partition counts (each task's outputs["counts"]) into `output`."""
-    from wit_builder.runner import combined_fingerprint
+COUNTS_FAN_IN = 256  # count files summed by one task
 
-    return stage.task(run, "_reduce", sum_counts,
-                      kwargs={"parts": [t.kwargs["outputs"]["counts"] for t in tasks], "output": output},
-                      outputs=[output], inputs={"version": 1, "parts": combined_fingerprint(tasks)})
+
+def sum_counts_steps(stage, run, tasks: list, output: str, fan_in: int = COUNTS_FAN_IN):
+    """The steps that sum the per-partition counts (each task's outputs["counts"]) into `output`: a
+    tree of sums over at most `fan_in` files each (partial sums in `sums_folder(output)`), so no task
+    reads, or lists in its arguments, one file per partition. Yields each level's tasks; returns the
+    last one (`_reduce`)."""
+    from wit_builder.ids import fingerprint
+
+    files, prints, level = [t.kwargs["outputs"]["counts"] for t in tasks], [t.fingerprint for t in tasks], 0
+    while True:
+        last = len(files) <= fan_in
+        level_tasks = []
+        for g, start in enumerate(range(0, max(len(files), 1), fan_in)):
+            out = output if last else str(sums_folder(output) / f"{level}-{g:05d}.parquet")
+            level_tasks.append(stage.task(run, "_reduce" if last else f"_sum-{level}-{g:05d}", sum_counts,
+                                          kwargs={"parts": files[start: start + fan_in], "output": out}, outputs=[out],
+                                          inputs={"version": 1, "parts": fingerprint(prints[start: start + fan_in])}))
+        yield level_tasks
+        if last:
+            return level_tasks[0]
+        files, prints, level = [t.outputs[0] for t in level_tasks], [t.fingerprint for t in level_tasks], level + 1
+
+
+def sums_folder(output: str) -> Path:
+    """Where the partial sums of `output` go (scratch: deleted with the stage's shuffles)."""
+    return Path(output).parent / "_sums"
 
 
 def sum_counts(parts: list[str], output: str) -> dict:

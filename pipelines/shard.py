@@ -31,7 +31,16 @@ from wit_builder import workspace
 from wit_builder.ids import fingerprint
 from wit_builder.recipe import Section
 from wit_builder.runner import Manifest, combined_fingerprint, completed, partition_entry
-from wit_builder.shuffle import bucket_folder, bucket_of, bucket_writer, read_bucket, splitmix64, uid_to_u64
+from wit_builder.shuffle import FORMAT as SHUFFLE_FORMAT
+from wit_builder.shuffle import (
+    bucket_folder,
+    bucket_of,
+    bucket_writer,
+    read_bucket,
+    splitmix64,
+    tracking_task,
+    uid_to_u64,
+)
 from wit_builder.stage import Stage, View
 from wit_builder.tar import safe_key, write_shard
 from wit_builder.workspace import Run, atomic_write_bytes, count_requests, parquet_file, parquet_writer, read_table
@@ -227,8 +236,8 @@ class ShardStage(Stage):
                                            s.buckets)
         out = run.stage_dir(self.name)
         settings = {"version": VERSION, "buckets": buckets, "per_bucket": per_bucket, "seed": seed, "ext": ext}
-        namespace = fingerprint({**settings, "upstream": up.fingerprint,
-                                 "queries": query_list.fingerprint})[:12]
+        namespace = fingerprint({**settings, "upstream": up.fingerprint, "queries": query_list.fingerprint,
+                                 "format": SHUFFLE_FORMAT})[:12]
         if (done := completed(run, self.name, namespace)) is not None:
             return done
         shuffle = out / "_shuffle" / namespace
@@ -244,6 +253,8 @@ class ShardStage(Stage):
         if kept == 0:
             buckets = 0
         scattered = combined_fingerprint(scatters)
+        if buckets:
+            yield [tracking_task(self, run, shuffle / "samples", scattered, [("{:06d}", len(parts))])]
         tasks = []
         for b in range(buckets):
             shards = [str(out / f"{b * per_bucket + j:06d}.tar") for j in range(per_bucket)]

@@ -29,6 +29,7 @@ BENCHMARKS = [
     pytest.param("stats", [], id="stats"),
     pytest.param("train_data", [], id="train_data", marks=slow),
     pytest.param("upload", [], id="upload"),
+    pytest.param("partitions", [], id="partitions"),
     pytest.param("train_throughput", [], id="train_throughput", marks=slow),
 ]
 RATIO = re.compile(r"^ratio: .*?\d+(?:\.\d+)?\s*[x×]", re.M)

@@ -116,6 +116,54 @@ def test_a_new_partitioning_leaves_no_stale_partition_files(tmp_path):
     assert json.loads(counts) == {"n": 3000}
 
 
+def tiny_lists(folder: Path, m: int, rows: int) -> list[str]:
+    """m lists of `rows` pairs each; the second half of the lists repeats the first half's pairs, so
+    half the rows are copies another partition holds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(m):
+        path = folder / f"list{i:05d}.csv"
+        first = (i % (m // 2)) * rows
+        path.write_text("url,caption\n" + "".join(f"http://img.example/{first + j}.jpg,a photo of {first + j}\n"
+                                                  for j in range(rows)))
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.slow
+def test_candidate_and_filter_reads_follow_partitions_plus_buckets(tmp_path):
+    """Many tiny partitions and many buckets: a step's read requests stay within 16 x (M + B) (they
+    grew as M x B when every filter task opened every bucket's file), and no per-partition task reads
+    more as M or B grow."""
+    (tmp_path / "words.txt").write_text("photo;1000\n")
+    rows, per_task = 4, {}
+    for m, buckets in ((16, 4), (256, 4), (16, 64)):
+        name = f"m{m}b{buckets}"
+        recipe = tmp_path / f"{name}.toml"
+        recipe.write_text(tomli_w.dumps({
+            "run": {"name": name, "root": str(tmp_path / "runs"), "workers": 2},
+            "queries": {"unigram_counts": str(tmp_path / "words.txt"), "wordnet": ""},
+            "candidates": {"inputs": tiny_lists(tmp_path / name, m, rows), "buckets": buckets}}))
+        wit("run", recipe, "--stage", "candidates", "--stage", "filter")
+        run_dir = tmp_path / "runs" / name
+        dropped = wit("sql", run_dir, "SELECT count(*) AS n FROM filtered WHERE reason = 'duplicate'", "--json").stdout
+        assert json.loads(dropped) == {"n": m * rows // 2}
+        for stage in ("candidates", "filter"):
+            costs = task_costs(run_dir, stage)
+            steps: dict[str, list[dict]] = {}
+            for key, cost in costs.items():
+                steps.setdefault(key.split("-")[0] if key.startswith("_") else "partition", []).append(cost)
+            for step, tasks in steps.items():
+                assert sum(c["read_requests"] for c in tasks) <= 16 * (m + buckets), (name, stage, step)
+            per_task[name, stage] = max((c["files_read"], c["read_requests"]) for c in steps["partition"])
+    assert len({per_task[name, "candidates"] for name in ("m16b4", "m256b4", "m16b64")}) == 1, per_task
+    # A filter task: its candidates and the tracking file (a footer and a row group each), then at
+    # most one span per copy it holds, however many partitions or buckets there are.
+    for name in ("m16b4", "m256b4", "m16b64"):
+        files, requests = per_task[name, "filter"]
+        assert files <= 2 + rows and requests <= 4 + rows, per_task
+
+
 def kill_at(recipe: Path, marker: Path, *stages: str) -> None:
     """Start `wit run`, SIGKILL it as soon as `marker` exists."""
     proc = subprocess.Popen([sys.executable, "-m", "wit_builder.cli", "run", str(recipe), *stages],
@@ -430,3 +478,36 @@ def test_dedup_balance_shards_run_under_an_address_space_limit(tmp_path):
     proc = run_limited("gathered", 1)
     assert proc.returncode != 0 and "_bucket-00000" in proc.stderr
     assert "alloc" in proc.stderr.lower() or "MemoryError" in proc.stderr
+
+
+def test_counts_are_summed_as_a_tree_of_bounded_tasks(tmp_path):
+    """Per-partition counts summed over at most fan_in files per task, level by level: the same
+    totals as one sum over every file, and no task reads more than fan_in files."""
+    from conftest import write_recipe
+
+    from pipelines.match.stage import MatchStage
+    from pipelines.sampling import sum_counts_steps
+    from wit_builder.recipe import load_recipe
+    from wit_builder.runner import execute
+    from wit_builder.workspace import Run
+
+    (tmp_path / "words.txt").write_text("dog;1000\n")
+    run = Run(load_recipe(write_recipe(tmp_path, unigram_counts=str(tmp_path / "words.txt"))))
+    stage, rng, parts = MatchStage(), np.random.default_rng(5), []
+    for i in range(7):
+        path = tmp_path / f"counts-{i}.parquet"
+        ids = np.unique(rng.integers(0, 50, 30)).astype(np.int32)
+        pq.write_table(pa.table({"query_id": ids, "count": rng.integers(1, 9, len(ids))}), path)
+        parts.append(stage.task(run, f"p{i}", execute, kwargs={"outputs": {"counts": str(path)}}, outputs=[str(path)]))
+    expected = pa.concat_tables(pq.read_table(t.outputs[0]) for t in parts).group_by("query_id").aggregate(
+        [("count", "sum")]).sort_by("query_id")
+    steps, levels = sum_counts_steps(stage, run, parts, str(tmp_path / "total.parquet"), fan_in=2), []
+    with contextlib.suppress(StopIteration):
+        tasks = next(steps)
+        while True:
+            levels.append([execute(t)["cost"]["files_read"] for t in tasks])
+            tasks = steps.send(None)
+    assert [len(level) for level in levels] == [4, 2, 1] and max(max(level) for level in levels) <= 2
+    total = pq.read_table(tmp_path / "total.parquet")
+    assert total.column("query_id").to_pylist() == expected.column("query_id").to_pylist()
+    assert total.column("count").to_pylist() == expected.column("count_sum").to_pylist()

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines import shard
-from wit_builder.shuffle import read_bucket
+from wit_builder.shuffle import read_bucket, track_outputs
 from wit_builder.workspace import write_parquet
 
 QUERIES = ["cat", "dög", 'say "hi"', "back\\slash", "日本"]
@@ -47,6 +47,7 @@ def write_inputs(tmp_path, rows=ROWS, images_for=None):
 def scattered(tmp_path, name="shuffle", **kwargs) -> pa.Table:
     balanced, images, queries = write_inputs(tmp_path, **kwargs)
     info = shard.scatter_part(balanced, images, queries, part=0, seed=0, buckets=1, shuffle=str(tmp_path / name))
+    track_outputs(str(tmp_path / name), [("{:06d}", 1)])
     rows = read_bucket(tmp_path / name, 0, shard.SAMPLE_SCHEMA)
     assert info == {"samples": rows.num_rows}
     return rows

@@ -8,9 +8,15 @@ MapReduce and of datatrove's MinHash dedup.
 
 On disk, the layout of a sort-based shuffle: each map task writes two files whatever B is,
 `<folder>/<map>.arrow` (Arrow IPC streams, one per bucket that has rows, per chunk the map wrote,
-grouped by bucket within a chunk) and `<map>.index` (where each bucket's streams lie). A bucket task
-reads one index entry and its byte ranges from each map task's files. So the files grow with the
-map tasks, not with maps x buckets, and a map that writes in chunks (bounded memory) still writes two.
+grouped by bucket within a chunk) and `<map>.index` (its non-empty spans: bucket, offset, length).
+So the files grow with the map tasks, not with maps x buckets, and a map that writes in chunks
+(bounded memory) still writes two.
+
+Map-output tracking, as Spark's: between the maps and the buckets, one task (`track_outputs`) gathers
+every map's spans into `<folder>/_outputs.parquet`, sorted by bucket in small row groups. A bucket
+task reads its own rows of it (the footer and a row group or two: no listing, no per-map index),
+then fetches only the non-empty spans, many at a time. A step's read requests grow as maps +
+buckets + non-empty spans, never as maps x buckets.
 
 Shuffle folders live under a namespace named by the fingerprint of everything the map depends on, so
 a bucket task never reads records of an earlier plan; a rerun map task overwrites its own files.
@@ -26,9 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import workspace
-from .workspace import atomic_path, atomic_write_bytes, read_table
+from .workspace import atomic_path, atomic_write_bytes, read_table, write_parquet
 
-FORMAT = "arrow-ipc-indexed"  # of the bucket files: part of each shuffle's namespace, so a rerun never mixes formats
+FORMAT = "arrow-ipc-tracked"  # of the bucket files: part of each shuffle's namespace, so a rerun never mixes formats
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -122,24 +128,21 @@ def bucket_writer(folder: str | Path, name: str, buckets: int, compression: str 
     (as Spark compresses its shuffle blocks); hashes do not."""
     options = pa.ipc.IpcWriteOptions(compression=compression)
     folder = Path(folder)
-    spans = []  # per chunk: (buckets, 2) of (offset, length)
+    spans: list[tuple[int, int, int]] = []  # (bucket, offset, length) of each stream, in the order written
     with atomic_path(folder / f"{name}.arrow") as tmp, pa.OSFile(str(tmp), "wb") as data:
         def write(table: pa.Table, bucket: np.ndarray) -> None:
             order, sorted_buckets = sort_with_order(bucket, max(buckets - 1, 1).bit_length())
             starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]]) if len(order) \
                 else np.zeros(0, np.int64)
             grouped = table.take(pa.array(order))  # one gather; each bucket's rows are then a slice
-            span = np.zeros((buckets, 2), np.int64)
             for start, end in zip(starts.tolist(), np.r_[starts[1:], len(order)].tolist()):
                 offset = data.tell()
                 with pa.ipc.new_stream(data, table.schema, options=options) as stream:  # leaves data open
                     stream.write_table(grouped.slice(start, end - start))
-                span[int(sorted_buckets[start])] = (offset, data.tell() - offset)
-            spans.append(span)
+                spans.append((int(sorted_buckets[start]), offset, data.tell() - offset))
 
         yield write
-    table = np.stack(spans, axis=1) if spans else np.zeros((buckets, 0, 2), np.int64)  # bucket-major
-    atomic_write_bytes(folder / f"{name}.index", np.array([buckets, len(spans)], np.int64).tobytes() + table.tobytes())
+    atomic_write_bytes(folder / f"{name}.index", np.array(spans, np.int64).reshape(-1, 3).tobytes())
 
 
 def scatter(table: pa.Table, bucket: np.ndarray, folder: str | Path, name: str, buckets: int,
@@ -149,21 +152,62 @@ def scatter(table: pa.Table, bucket: np.ndarray, folder: str | Path, name: str, 
         write(table, bucket)
 
 
+OUTPUTS = "_outputs.parquet"  # a shuffle's map-output tracking file
+OUTPUTS_ROW_GROUP = 4096  # spans per row group: a bucket task reads few rows besides its own
+OUTPUTS_SCHEMA = pa.schema([("bucket", pa.uint32()), ("map", pa.string()), ("offset", pa.int64()),
+                            ("length", pa.int64())])
+
+
+def map_names(maps: list[tuple[str, int]]) -> list[str]:
+    """The names of a shuffle's map tasks, from (template, count) families such as ("{:06d}", 400):
+    sorted, the order a bucket reads them in."""
+    return sorted(template.format(i) for template, count in maps for i in range(count))
+
+
+def track_outputs(folder: str, maps: list[tuple[str, int]]) -> dict:
+    """The step between a shuffle's maps and its buckets: every map's non-empty spans, from their
+    indexes (fetched together, by name: no listing, and no stale file of an earlier plan), into one
+    file sorted by bucket, then map name, then the order the map wrote them (so a bucket's records
+    come out the same whichever map finished first)."""
+    names = map_names(maps)
+    indexes = [Path(folder) / f"{name}.index" for name in names]
+    bodies = workspace.read_many(indexes)
+    spans = [np.frombuffer(bodies[str(index)], np.int64).reshape(-1, 3) for index in indexes]
+    sizes = [len(s) for s in spans]
+    spans = np.concatenate(spans) if spans else np.zeros((0, 3), np.int64)
+    order = np.argsort(spans[:, 0], kind="stable")  # maps in name order and spans in write order stay so
+    map_of = np.repeat(np.arange(len(names)), sizes)[order]
+    table = pa.table({"bucket": pa.array(spans[order, 0], pa.uint32()),
+                      "map": pa.DictionaryArray.from_arrays(pa.array(map_of, pa.int32()), pa.array(names, pa.string())),
+                      "offset": spans[order, 1], "length": spans[order, 2]})
+    write_parquet(table.cast(OUTPUTS_SCHEMA), Path(folder) / OUTPUTS, row_group_size=OUTPUTS_ROW_GROUP)
+    per_bucket = np.bincount(spans[:, 0], weights=spans[:, 2]) if len(spans) else np.zeros(1)
+    return {"maps": len(names), "spans": len(spans),
+            "largest_bucket": {"bucket": int(np.argmax(per_bucket)), "bytes": int(per_bucket.max())}}
+
+
+def tracking_task(stage, run, folder: str | Path, mapped: str, maps: list[tuple[str, int]], key: str = "_outputs"):
+    """The stage's task that runs `track_outputs` over `folder` once its maps (named by the
+    (template, count) families `maps`, combined fingerprint `mapped`) are complete."""
+    path = str(Path(folder) / OUTPUTS)
+    return stage.task(run, key, track_outputs, kwargs={"folder": str(folder), "maps": maps}, outputs=[path],
+                      inputs={"format": FORMAT, "maps": mapped, "names": maps, "folder": Path(folder).name})
+
+
 def read_bucket(folder: str | Path, bucket: int, schema: pa.Schema, suffix: str = "") -> pa.Table:
     """Every map task's records for one bucket (maps named `*<suffix>`), in map-name order, then
-    chunk order (so the result does not depend on which task finished first)."""
-    tables = []
-    for index in workspace.glob(folder, f"*{suffix}.index"):
-        if index.name.startswith("."):
-            continue
-        head = workspace.read_ranges(index, [(0, 16)])[0]
-        buckets, chunks = np.frombuffer(head, np.int64)
-        row = workspace.read_ranges(index, [(16 + bucket * int(chunks) * 16, int(chunks) * 16)], count=False)[0]
-        spans = np.frombuffer(row, np.int64).reshape(-1, 2)
-        spans = spans[spans[:, 1] > 0]
-        if len(spans):
-            for data in workspace.read_ranges(index.with_suffix(".arrow"), spans.tolist()):
-                tables.append(pa.ipc.open_stream(data).read_all())
+    chunk order (so the result does not depend on which task finished first). Reads the shuffle's
+    tracking file (see track_outputs), then only the spans that hold rows."""
+    folder = Path(folder)
+    spans = read_table(folder / OUTPUTS, columns=["map", "offset", "length"], filters=[("bucket", "=", bucket)])
+    maps = spans.column("map").to_pylist()
+    offsets, lengths = spans.column("offset").to_pylist(), spans.column("length").to_pylist()
+    wanted: dict[str, list[tuple[int, int]]] = {}
+    for name, offset, length in zip(maps, offsets, lengths):
+        if name.endswith(suffix):
+            wanted.setdefault(name, []).append((offset, length))
+    blocks = workspace.read_spans([(folder / f"{name}.arrow", ranges) for name, ranges in wanted.items()])
+    tables = [pa.ipc.open_stream(data).read_all() for file_blocks in blocks for data in file_blocks]
     return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
 
 

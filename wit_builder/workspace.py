@@ -102,19 +102,29 @@ def parquet_writer(path: str | os.PathLike, schema: pa.Schema):
             yield writer
 
 
-def read_ranges(path: str | os.PathLike, spans: list[tuple[int, int]], count: bool = True) -> list[bytes]:
-    """The bytes of each (offset, length) span of a run file (ranged GETs, in parallel, in a store);
-    counted like read_table unless told it is the same file again, and a read request per span."""
-    _opened[0] += count
-    _requests[0] += len(spans)
+def _read_ranges(path: str | os.PathLike, spans: list[tuple[int, int]]) -> list[bytes]:
     if url := in_store(path):
-        return storage.read_ranges(url, spans)
+        return storage.read_ranges(url, spans)  # ranged GETs, in parallel
     with open(path, "rb") as f:
         out = []
         for offset, length in spans:
             f.seek(offset)
             out.append(f.read(length))
         return out
+
+
+def read_spans(files: list[tuple[str | os.PathLike, list[tuple[int, int]]]]) -> list[list[bytes]]:
+    """For each (run file, its (offset, length) spans), the bytes of those spans; counted as a file
+    opened each and a read request per span. In a store the files are fetched many at a time (a
+    shuffle's bucket reads a span or two from each of many maps)."""
+    _opened[0] += len(files)
+    _requests[0] += sum(len(spans) for _, spans in files)
+    if len(files) > 1 and any(in_store(path) for path, _ in files):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as pool:
+            return list(pool.map(lambda f: _read_ranges(*f), files))
+    return [_read_ranges(path, spans) for path, spans in files]
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -193,7 +203,10 @@ def remove_tree(folder: str | os.PathLike) -> None:
 
 def duckdb_paths(con, paths: list[str]) -> list[str]:
     """`paths` as DuckDB should read them in `con`: through the store's filesystem (registered on
-    `con`; DuckDB takes an fsspec filesystem as it is) where they are in one."""
+    `con`; DuckDB takes an fsspec filesystem as it is) where they are in one. Counted as files opened
+    and, like read_table, two read requests each (for a task that reads them all)."""
+    _opened[0] += len(paths)
+    _requests[0] += 2 * len(paths)
     urls = [location(p) for p in paths]
     for url in urls:
         if storage.is_object_url(url):

@@ -1,4 +1,6 @@
-"""The cross-partition duplicate shuffle: each partition scatters its keys, one task per bucket finds the later copies."""
+"""The cross-partition duplicate shuffle: each partition scatters its keys, one task per bucket finds
+the later copies and scatters them back by partition, so that the filter task of a partition reads
+its own copies from the spans that hold them, not a file from every bucket."""
 
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ DUPLICATES_SCHEMA = pa.schema([("part", pa.uint32()), ("row", pa.uint32()), ("ui
                                ("reason", pa.string()), ("first_origin", pa.string())])
 
 
-def find_duplicates(shuffle: str, bucket: int, output: str) -> dict:
+def find_duplicates(shuffle: str, bucket: int, output: str, back: str, partitions: int) -> dict:
     """One bucket of the duplicate shuffle: the rows whose pair (uid) an earlier row already holds,
-    and with one_text_per_url the later texts of a URL; earlier means by (partition, row)."""
+    and with one_text_per_url the later texts of a URL; earlier means by (partition, row). Written
+    to `output` (for inspection) and scattered into `back` by partition (for the filter stage)."""
     records = read_bucket(shuffle, bucket, KEY_SCHEMA)
     records = records.sort_by([("kind", "ascending"), ("key", "ascending"), ("part", "ascending"),
                                ("row", "ascending")])
@@ -61,4 +64,10 @@ def find_duplicates(shuffle: str, bucket: int, output: str) -> dict:
         p, r = table.column("part").to_numpy(), table.column("row").to_numpy()
         table = table.filter(pa.array(np.r_[True, (p[1:] != p[:-1]) | (r[1:] != r[:-1])]))
     write_parquet(table, output, row_group_size=SLICE_ROW_GROUP)
+    scatter(table, table.column("part").to_numpy(), back, f"b{bucket:05d}", partitions, compression="lz4")
     return {"duplicates": table.num_rows}
+
+
+def duplicates_of(back: str, part: int) -> pa.Table:
+    """The later copies in one partition (row, reason), from the shuffle back by partition."""
+    return read_bucket(back, part, DUPLICATES_SCHEMA).select(["row", "reason"])

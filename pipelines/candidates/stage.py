@@ -5,8 +5,9 @@ Partitions are bounded: a WARC/WAT file is one, a big list is split (see plan_in
 `candidates/rejects/part-<key>.parquet` (origin, reason, detail): every image that was not kept and
 every unreadable record, with why. Exact (url, text) duplicates across partitions are a shuffle: each
 partition scatters (uid, partition, row) into buckets by uid (and by URL with `one_text_per_url`), and
-one task per bucket writes the later copies to `candidates/duplicates/bNNNNN.parquet`, sorted by
-partition, which the filter stage reads its own slice of and drops with a reason.
+one task per bucket writes the later copies to `candidates/duplicates/bNNNNN.parquet` and scatters
+them back by partition (`candidates/duplicates/_by_part/<plan>/`), where the filter task of a
+partition reads only the spans that hold its copies, and drops them with a reason.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from wit_builder.runner import (
     step_info,
 )
 from wit_builder.shuffle import FORMAT as SHUFFLE_FORMAT
+from wit_builder.shuffle import tracking_task
 from wit_builder.stage import Stage, View
 from wit_builder.workspace import Run, file_identity
 
@@ -172,15 +174,22 @@ class CandidatesStage(Stage):
                 weight=max(weight, 1), receipt=str(Path(shuffle) / "_done" / key)))
         yield tasks
         maps = combined_fingerprint(tasks)
-        reduces = [self.task(run, f"_bucket-{b:05d}", find_duplicates,
-                             kwargs={"shuffle": shuffle, "bucket": b, "output": str(out / "duplicates" / f"b{b:05d}.parquet")},
-                             outputs=[str(out / "duplicates" / f"b{b:05d}.parquet")],
-                             inputs={"version": VERSION, "maps": maps, "bucket": b})
-                   for b in range(buckets)]
+        yield [tracking_task(self, run, shuffle, maps, [("{:06d}", len(parts))])]
+        back = out / "duplicates" / "_by_part" / namespace  # the later copies, by partition: kept for the filter
+        reduces = []
+        for b in range(buckets):
+            output = str(out / "duplicates" / f"b{b:05d}.parquet")
+            reduces.append(self.task(
+                run, f"_bucket-{b:05d}", find_duplicates,
+                kwargs={"shuffle": shuffle, "bucket": b, "output": output, "back": str(back), "partitions": len(parts)},
+                outputs=[output, str(back / f"b{b:05d}.arrow"), str(back / f"b{b:05d}.index")],
+                inputs={"version": VERSION, "maps": maps, "bucket": b}))
         yield reduces
+        tracked = tracking_task(self, run, back, combined_fingerprint(reduces), [("b{:05d}", buckets)], "_by_part")
+        yield [tracked]
         infos = step_info(tasks)
         return Manifest(self.name, [partition_entry(t, t.kwargs["outputs"], {"candidates": i.get("candidates", 0)})
                                     for t, i in zip(tasks, infos)],
-                        {"duplicates": [r.outputs[0] for r in reduces]},
-                        fingerprint([maps, combined_fingerprint(reduces)]), plan=namespace,
+                        {"duplicates": str(back), "duplicates_fingerprint": tracked.fingerprint},
+                        fingerprint([maps, tracked.fingerprint]), plan=namespace,
                         scratch=[str(out / "_shuffle")])

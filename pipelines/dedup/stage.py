@@ -42,6 +42,7 @@ from wit_builder.errors import WitError
 from wit_builder.ids import fingerprint
 from wit_builder.recipe import Recipe, Section
 from wit_builder.runner import Manifest, combined_fingerprint, completed, step_info
+from wit_builder.shuffle import FORMAT as SHUFFLE_FORMAT
 from wit_builder.shuffle import (
     SLICE_ROW_GROUP,
     bucket_folder,
@@ -52,6 +53,7 @@ from wit_builder.shuffle import (
     splitmix64,
     string_hash64,
     take_by_uid,
+    tracking_task,
     u64_to_uid,
     uid_to_u64,
 )
@@ -59,7 +61,7 @@ from wit_builder.stage import Stage, View
 from wit_builder.workspace import Run, file_identity, parquet_file, read_table, write_parquet
 
 from ..phash import SIDE, phash_bytes, phash_pixels
-from ..sampling import query_counts, sum_counts_task
+from ..sampling import query_counts, sum_counts_steps, sums_folder
 from .neardup import band_r, blocks, close_pairs, collapse_identical
 
 VERSION = 4
@@ -509,7 +511,7 @@ class DedupStage(Stage):
             identities.append([file_identity(f) for f in storage.files_under(e["path"]) if storage.is_file(f)])
         settings = {"version": VERSION, "radius": d.radius, "r": r, "buckets": buckets}
         namespace = fingerprint({**settings, "upstream": up.fingerprint, "eval": eval_sets,
-                                 "eval_files": identities})[:12]
+                                 "eval_files": identities, "format": SHUFFLE_FORMAT})[:12]
         if (done := completed(run, self.name, namespace)) is not None:
             return done
         shuffle = out / "_shuffle" / namespace
@@ -529,6 +531,8 @@ class DedupStage(Stage):
                  for i, e in enumerate(eval_sets)]
         yield maps
         mapped = combined_fingerprint(maps)
+        yield [tracking_task(self, run, common["shuffle"], mapped,
+                             [("{:06d}.exact", len(parts)), ("{:06d}.near", len(parts)), ("eval{:03d}.near", len(eval_sets))])]
         bucket_tasks = []
         for b in range(buckets):
             outputs = {"edges": str(bucket_folder(shuffle / "edges", b)) + ".parquet",
@@ -562,11 +566,10 @@ class DedupStage(Stage):
                 weight=part.info.get("success", 1) or 1))
         yield writes
         total = str(out / "query_counts.parquet")
-        reduce = sum_counts_task(self, run, writes, total)
-        yield [reduce]
+        reduce = yield from sum_counts_steps(self, run, writes, total)
         infos = step_info(writes)
         return Manifest(self.name, [p.entry(t, t.kwargs["outputs"], {"images": i.get("images", 0), "kept": i.get("kept", 0)})
                                     for t, p, i in zip(writes, parts, infos)],
                         {"counts": total},
                         fingerprint([combined_fingerprint(writes), reduce.fingerprint]),
-                        plan=namespace, scratch=[str(out / "_shuffle")])
+                        plan=namespace, scratch=[str(out / "_shuffle"), str(sums_folder(total))])

@@ -19,7 +19,7 @@ from wit_builder.runner import Manifest, step_info
 from wit_builder.stage import Stage, View
 from wit_builder.workspace import Run, read_table, write_parquet
 
-from ..sampling import query_counts, sum_counts_task
+from ..sampling import query_counts, sum_counts_steps, sums_folder
 from .matcher import QueryMatcher
 
 VERSION = 1
@@ -102,8 +102,8 @@ class MatchStage(Stage):
                 weight=part.info.get("candidates", 1) or 1))
         yield tasks
         total = str(out / "query_counts.parquet")
-        reduce = sum_counts_task(self, run, tasks, total)
-        yield [reduce]
+        yield from sum_counts_steps(self, run, tasks, total)
         infos = step_info(tasks)
         return Manifest(self.name, [p.entry(t, t.kwargs["outputs"], {"matched": i.get("matched", 0)})
-                                    for t, p, i in zip(tasks, up.parts(), infos)], {"counts": total})
+                                    for t, p, i in zip(tasks, up.parts(), infos)], {"counts": total},
+                        scratch=[str(sums_folder(total))])
